@@ -39,12 +39,13 @@ def load_images(data_dir, dataset, split, img_size):
     """The prepared arrays of a dataset as uint8 N x C x H x W, resized once to img_size."""
     folder = os.path.join(data_dir, dataset)
     path = os.path.join(folder, f"{split}.npy")
+    prepare = os.path.join(data_dir, dataset.split("/")[0], "prepare.py")  # data/folder/<name> is made by data/folder/prepare.py
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: python {folder}/prepare.py")
+        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: python {prepare}")
     try:
         images = np.load(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); remake it with: python {folder}/prepare.py") from None
+        raise ValueError(f"cannot read {path} ({e}); remake it with: python {prepare}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path} should hold uint8 N x H x W x C with C = 1 or 3, not {images.dtype} {images.shape}")
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -506,6 +507,8 @@ def main(argv=None):
             row = {"step": step, "loss_D": means[0], "loss_G": means[1], "D_x": means[2], "D_G_z1": means[3], "D_G_z2": means[4],
                    "ms_per_step": 1000 * dt / iters_since_log,
                    "images_per_s": iters_since_log * config["batch_size"] * config["d_steps"] / dt}
+            if device.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"step {step:6d} | loss_D {means[0]:.4f} loss_G {means[1]:.4f} | D(x) {means[2]:.3f} "
