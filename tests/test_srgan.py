@@ -1,0 +1,341 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO))
+import srgan  # noqa: E402
+
+TINY = ["--ngf", "8", "--ndf", "8", "--batch_size", "8", "--eval_images", "64", "--device", "cpu"]
+
+
+def config(**kw):
+    base = dict(channels=1, ngf=32, ndf=32, sn=False, gan_loss="bce", down="bilinear", low_size=16)
+    return {**base, **kw}
+
+
+def run_main(*args):
+    """Train in this process (no interpreter start-up): srgan.main with one thread, like run_script's OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        srgan.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main_error(capsys, *args):
+    """The one stderr line of a run that must stop (in this process: fail() raises SystemExit)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*args)
+    assert exit_info.value.code != 0
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# --- architecture --------------------------------------------------------------------------
+
+
+def test_unet_feature_shapes_at_every_level():
+    G = srgan.build_models(config(channels=3))["G"].eval()
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+        return hook
+
+    for i, layer in enumerate(G.encoder):
+        layer.register_forward_hook(record(f"enc{i + 1}"))
+    for i, layer in enumerate(G.decoder):
+        layer.register_forward_hook(record(f"dec{i + 1}"))
+    G.out.register_forward_hook(record("out"))
+    y = G(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert shapes == {  # the layer table of UNetGenerator's docstring
+        "enc1": ((3, 64, 64), (32, 32, 32)),
+        "enc2": ((32, 32, 32), (64, 16, 16)),
+        "enc3": ((64, 16, 16), (128, 8, 8)),
+        "enc4": ((128, 8, 8), (256, 4, 4)),
+        "enc5": ((256, 4, 4), (512, 2, 2)),
+        "dec1": ((512, 2, 2), (256, 4, 4)),
+        "dec2": ((256 + 256, 4, 4), (128, 8, 8)),
+        "dec3": ((128 + 128, 8, 8), (64, 16, 16)),
+        "dec4": ((64 + 64, 16, 16), (32, 32, 32)),
+        "dec5": ((32 + 32, 32, 32), (16, 64, 64)),
+        "out": ((16 + 3, 64, 64), (3, 64, 64)),
+    }
+    assert y.shape == (2, 3, 64, 64) and y.abs().max() <= 1
+    tconvs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.kernel_size, m.stride, m.padding) for m in tconvs] == [((4, 4), (2, 2), (1, 1))] * 5
+    convs = [m for m in G.encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [32, 64, 128, 256, 512]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in G.modules()) == 10  # BN on every encoder and decoder layer
+    assert (G.out[0].kernel_size, G.out[0].padding) == ((3, 3), (1, 1)) and isinstance(G.out[1], nn.Tanh)
+
+
+def test_skip_connections_and_input_image_reach_the_output():
+    torch.manual_seed(0)
+    G = srgan.build_models(config())["G"].eval()
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    enc = {}
+    for i, layer in enumerate(G.encoder):
+        layer.register_forward_hook(lambda m, inp, out, i=i: enc.__setitem__(i, out))
+    base = G(x)
+
+    # decoder layer k (k >= 1) gets [previous decoder output, encoder feature of the same size]
+    # and the last layer gets [dec5 output, input image]; perturb only that concatenated part
+    targets = [(G.decoder[k], 4 - k) for k in range(1, 5)] + [(G.out, "input")]
+    for module, source in targets:
+        seen = {}
+
+        def perturb(m, inputs):
+            h = inputs[0]
+            skip_ch = x.shape[1] if source == "input" else enc[source].shape[1]
+            seen["skip"] = h[:, -skip_ch:].clone()
+            bumped = h.clone()
+            bumped[:, -skip_ch:] += 0.5 * torch.randn_like(bumped[:, -skip_ch:])
+            return (bumped,)
+
+        handle = module.register_forward_pre_hook(perturb)
+        out = G(x)
+        handle.remove()
+        expected = x if source == "input" else enc[source]
+        assert torch.equal(seen["skip"], expected), source  # the concatenated part is exactly that feature
+        assert (out - base).abs().max() > 1e-3, source  # and the output depends on it
+    assert torch.equal(G(x), base)  # hooks removed: back to the same output
+
+
+def test_discriminator_is_the_handout_six_convs():
+    D = srgan.build_models(config(channels=3))["D"]
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [32, 64, 128, 256, 512, 1]
+    assert [m.kernel_size[0] for m in convs] == [4, 4, 4, 4, 4, 3]
+    assert all(m.stride == (2, 2) and m.padding == (1, 1) for m in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D.modules()) == 5
+    x = torch.randn(4, 3, 64, 64)
+    assert D(x).shape == (4,)
+    for variant in (dict(sn=True), dict(gan_loss="wgan-gp")):
+        D2 = srgan.build_models(config(**variant))["D"]
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in D2.modules())
+        assert D2(torch.randn(2, 1, 64, 64)).shape == (2,)
+    D_sn = srgan.build_models(config(sn=True))["D"]
+    assert all(nn.utils.parametrize.is_parametrized(m, "weight") for m in D_sn.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_weight_init():
+    models = srgan.build_models(config())
+    w = torch.cat([m.weight.flatten() for m in models["G"].modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+    assert abs(w.std().item() - 0.02) < 0.002
+
+
+# --- losses and degradation ----------------------------------------------------------------
+
+
+def test_losses_match_their_formulas():
+    r, f = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-0.3, 1.2, -2.0])
+    D_r, D_f = torch.sigmoid(r), torch.sigmoid(f)
+    assert torch.allclose(srgan.discriminator_loss("bce", r, f), -(torch.log(D_r).mean() + torch.log(1 - D_f).mean()))
+    assert torch.allclose(srgan.generator_adv_loss("bce", f), -torch.log(D_f).mean())
+    assert torch.allclose(srgan.discriminator_loss("lsgan", r, f), ((r - 1) ** 2).mean() + (f ** 2).mean())
+    assert torch.allclose(srgan.generator_adv_loss("lsgan", f), ((f - 1) ** 2).mean())
+    hinge = torch.tensor([0.0, 2.0, 0.5]).mean() + torch.tensor([0.7, 2.2, 0.0]).mean()
+    assert torch.allclose(srgan.discriminator_loss("hinge", r, f), hinge)
+    assert torch.allclose(srgan.generator_adv_loss("hinge", f), -f.mean())
+    assert torch.allclose(srgan.discriminator_loss("wgan-gp", r, f), f.mean() - r.mean())
+    assert torch.allclose(srgan.generator_adv_loss("wgan-gp", f), -f.mean())
+    a, b = torch.tensor([0.5, -1.0]), torch.tensor([0.0, 1.0])
+    assert srgan.reconstruction_loss("l1", a, b).item() == pytest.approx(1.25)
+    assert srgan.reconstruction_loss("mse", a, b).item() == pytest.approx(2.125)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    # D(x) = <w, x> has gradient w everywhere, so the penalty is (||w|| - 1)^2 whatever eps is drawn
+    w = torch.randn(1, 2, 4, 4)
+    D = lambda x: (x * w).flatten(1).sum(1)  # noqa: E731
+    real, fake = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
+    gp = srgan.gradient_penalty(D, real, fake)
+    assert gp.item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
+    # and it is differentiable (it is part of D's loss)
+    w.requires_grad_(True)
+    srgan.gradient_penalty(D, real, fake).backward()
+    assert torch.allclose(w.grad, 2 * (w.norm() - 1) * w / w.norm(), rtol=1e-4)
+
+
+def test_degrade_is_downsample_then_bilinear_upsample():
+    x = torch.rand(3, 1, 64, 64)
+    area = srgan.degrade(x, {"down": "area", "low_size": 16})
+    manual = F.interpolate(F.avg_pool2d(x, 4), size=64, mode="bilinear", align_corners=False)
+    assert torch.allclose(area, manual, atol=1e-6)
+    for down in ("bilinear", "bicubic", "nearest"):
+        y = srgan.degrade(x, {"down": down})
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert torch.allclose(srgan.degrade(torch.full((1, 3, 64, 64), 0.3), {}), torch.tensor(0.3))
+    # a one-pixel checkerboard is lost by the antialiased filter (the detail G must restore), kept aliased by nearest
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None]).remainder(2).float().expand(1, 1, 64, 64)
+    assert (srgan.degrade(checker, {}) - 0.5).abs().max() < 0.02
+    assert torch.equal(srgan.degrade(checker, {"down": "nearest"}), torch.zeros(1, 1, 64, 64))
+
+
+# --- training runs -------------------------------------------------------------------------
+
+
+def test_training_writes_every_output(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    run_script("srgan.py", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "6", "--log_interval", "2",
+               "--sample_interval", "3", "--ckpt_interval", "3", *TINY)
+    for name in ("ckpt.pt", "log.jsonl", "curves.png", "config.json", "progress_strip.png", "triplets.png",
+                 "samples/step_000003.png", "samples/step_000006.png"):
+        assert (out / name).exists(), name
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert {"loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y", "ms_per_step", "images_per_s"} <= set(rows[0])
+    assert "test_mse" not in rows[0] and 0 < rows[1]["test_mse"] and 0 < rows[1]["baseline_mse"] < 0.05
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["script"] == "srgan" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
+    assert ckpt["progress"]["steps"] == [3, 6] and ckpt["progress"]["frames"][0].shape == (1, 64, 64)
+    models = srgan.load_models(ckpt, "cpu")
+    truth = srgan.real_images(ckpt["config"], "test")[0][:4].float() / 255
+    assert truth.shape == (4, 1, 64, 64)
+    low = srgan.degrade(truth, ckpt["config"])
+    up = srgan.upscale(models, low)
+    assert up.shape == (4, 1, 64, 64) and 0 <= up.min() and up.max() <= 1
+    # the test MSE logged at the last step is the interface's MSE over the same 64 test images
+    truth = srgan.real_images(ckpt["config"], "test")[0][:64].float() / 255
+    mse = (srgan.upscale(models, srgan.degrade(truth, ckpt["config"])) - truth).pow(2).mean().item()
+    assert mse == pytest.approx(rows[-1]["test_mse"], rel=1e-4)
+    assert (srgan.degrade(truth, ckpt["config"]) - truth).pow(2).mean().item() == pytest.approx(rows[-1]["baseline_mse"], rel=1e-4)
+
+    from PIL import Image
+    assert Image.open(out / "samples/step_000006.png").size == (6 * 66 + 2, 6 * 66 + 2)  # 6x6 grid, 2 px padding
+    assert Image.open(out / "triplets.png").size == (3 * 66 + 2, 10 * 66 + 2)  # 10 rows: input | output | truth
+    assert Image.open(out / "progress_strip.png").size == (4 * 66 + 2, 66 + 2 + 14)  # input, steps 3 and 6, truth
+
+
+@pytest.mark.parametrize("flags", [["--gan_loss", "wgan-gp", "--recon", "mse", "--down", "area"],
+                                   ["--gan_loss", "hinge", "--sn"], ["--gan_loss", "lsgan", "--adv_weight", "0.1"]])
+def test_variants_train(tiny_mnist, tmp_path, flags):
+    out = tmp_path / "run"
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "3", "--log_interval", "1",
+             "--sample_interval", "3", *TINY, *flags)
+    rows = read_log(out)
+    assert len(rows) == 3 and all(abs(r["loss_D"]) < 1e6 and abs(r["loss_G"]) < 1e6 for r in rows)
+    assert srgan.load_models(torch.load(out / "ckpt.pt", weights_only=True), "cpu")["G"] is not None
+
+
+def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
+    common = ["--data_dir", tiny_mnist, "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15", *TINY]
+    straight = tmp_path / "straight"
+    run_main("--out_dir", straight, "--max_iters", "40", *common)
+    expected = {r["step"]: r for r in read_log(straight)}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "srgan.py", "--out_dir", killed, "--max_iters", "100000", *common],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "ckpt.pt").exists() and (killed / "log.jsonl").exists() and len(read_log(killed)) >= 25:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_step = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
+    assert saved_step >= 20 and saved_step % 10 == 0
+
+    run_main("--out_dir", killed, "--max_iters", "40", "--resume", *common)
+    rows = read_log(killed)
+    assert [r["step"] for r in rows] == list(range(1, 41))  # lines after the checkpoint were replaced, not duplicated
+    for r in rows:
+        for key in ("loss_D", "loss_G", "recon", "adv", "test_mse"):
+            assert r.get(key) == expected[r["step"]].get(key), (r["step"], key)
+    assert torch.load(killed / "ckpt.pt", weights_only=True)["progress"]["steps"] == [15, 30, 40]
+
+
+def test_torchrun_two_processes(tiny_mnist, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29643",
+                           "srgan.py", "--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3",
+                           "--log_interval", "1", *TINY],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert not any(k.startswith("module.") for k in ckpt["models"]["G"])  # saved without the DDP wrapper
+    assert len(read_log(out)) == 3  # only rank 0 writes
+
+
+# --- checkpoints and bad input -------------------------------------------------------------
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    srgan.save_checkpoint({"step": 1}, path)
+
+    def torn_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        srgan.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_load_models_refuses_another_scripts_checkpoint():
+    with pytest.raises(ValueError, match="not a srgan checkpoint"):
+        srgan.load_models({"script": "dcgan", "format": 1, "config": {}}, "cpu")
+
+
+def test_missing_dataset_names_prepare_command(tmp_path, capsys):
+    line = main_error(capsys, "--data_dir", tmp_path, "--dataset", "celeba", "--out_dir", tmp_path / "o")
+    assert "python " in line and "celeba/prepare.py" in line
+
+
+def test_unsupported_image_size(tiny_mnist, tmp_path, capsys):
+    assert "--img_size 128" in main_error(capsys, "--data_dir", tiny_mnist, "--img_size", "128", "--out_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_checkpoint_to_resume(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    assert "cannot read checkpoint" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
+    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--ckpt_interval", "2", "--log_interval", "2", *TINY]
+    run_main("--max_iters", "2", *common)
+    good = (out / "ckpt.pt").read_bytes()
+    assert "non-finite loss" in main_error(capsys, "--max_iters", "20", "--resume", "--lr", "1e30", *common)
+    assert (out / "ckpt.pt").read_bytes() == good
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(REPO / "srgan.py", alone)
+    shutil.copytree(tiny_mnist, alone / "data")
+    run_script("srgan.py", "--max_iters", "2", *TINY, cwd=alone)
+    assert (alone / "out" / "srgan" / "ckpt.pt").exists()
