@@ -1,0 +1,244 @@
+import argparse
+import importlib
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO))
+import interpolate  # noqa: E402
+
+TINY = {
+    "dcgan": ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16"],
+    "wgan": ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--n_critic", "1"],
+    "vae": ["--arch", "mlp", "--hidden", "32", "--latent_dim", "6", "--batch_size", "16"],
+    "acgan": ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16"],
+    "infogan": ["--model", "infogan", "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--cont_codes", "2"],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process training with one thread, as run_script's subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
+    machine two spinning threads per process make each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, one_thread):
+    """Tiny real checkpoints of every generator script, trained in-process for two steps."""
+    root = tmp_path_factory.mktemp("interp")
+    dst = root / "data" / "mnist5k"
+    dst.mkdir(parents=True)
+    for split, n in (("train", 100), ("test", 40)):  # every digit class (the embedded sample is sorted by class)
+        images, labels = np.load(REPO / "data/mnist5k" / f"{split}.npy"), np.load(REPO / "data/mnist5k" / f"{split}_labels.npy")
+        idx = np.linspace(0, len(images) - 1, n).astype(int)
+        np.save(dst / f"{split}.npy", images[idx])
+        np.save(dst / f"{split}_labels.npy", labels[idx])
+    paths = {}
+    for name, flags in TINY.items():
+        script = "cgan" if name in ("acgan", "infogan") else name
+        out = root / name
+        importlib.import_module(script).main(["--data_dir", str(root / "data"), "--out_dir", str(out), "--max_iters", "2",
+                                              "--device", "cpu", "--sample_interval", "1000", *flags])
+        paths[name] = out / "ckpt.pt"
+    return paths
+
+
+def load(path):
+    ckpt = torch.load(path, weights_only=True)
+    module = importlib.import_module(ckpt["script"])
+    return module, module.load_models(ckpt, "cpu"), ckpt["config"]
+
+
+def args(**kw):
+    base = dict(pairs=3, steps=5, method="lerp", extrapolate=0, dims=None, range=3.0, n_noise=4, code_range=2.0,
+                seed=0, device=torch.device("cpu"))
+    return argparse.Namespace(**{**base, **kw})
+
+
+# --- the interpolation maths ---------------------------------------------------------------
+
+
+def test_coefficients_and_extrapolation():
+    assert interpolate.interpolation_coefficients(10) == [i / 9 for i in range(10)]  # seed 001: i/K, K = 9, 10 images
+    ts = interpolate.interpolation_coefficients(11, extrapolate=2)  # seed 003: 0, 0.1, ..., 1, plus 2 each side
+    assert len(ts) == 15 and ts[2] == 0 and ts[12] == 1
+    assert np.allclose(np.diff(ts), 0.1) and math.isclose(ts[0], -0.2) and math.isclose(ts[-1], 1.2)
+    with pytest.raises(ValueError):
+        interpolate.interpolation_coefficients(1)
+
+
+def test_lerp_endpoints_exact_and_extrapolation_on_the_line():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)
+    ts = interpolate.interpolation_coefficients(10, extrapolate=3)
+    z = interpolate.interpolate(z0, z1, ts, "lerp")
+    assert z.shape == (4, 16, 32)
+    assert torch.equal(z[:, 3], z0) and torch.equal(z[:, 12], z1)  # bit for bit
+    for i, t in enumerate(ts):  # every point, extrapolated ones included, is z0 + t (z1 - z0)
+        assert torch.allclose(z[:, i] - z0, t * (z1 - z0), atol=1e-5)
+    d = z[:, [0, -1]] - z0[:, None]  # the outermost points are parallel to z1 - z0
+    cos = torch.nn.functional.cosine_similarity(d, (z1 - z0)[:, None], dim=-1)
+    assert torch.allclose(cos.abs(), torch.ones_like(cos), atol=1e-5)
+    assert (cos[:, 0] < 0).all() and (cos[:, 1] > 0).all()  # one before z0, one beyond z1
+
+
+def test_slerp_on_the_unit_sphere_and_for_general_vectors():
+    g = torch.Generator().manual_seed(1)
+    u0, u1 = torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)
+    u0, u1 = u0 / u0.norm(dim=1, keepdim=True), u1 / u1.norm(dim=1, keepdim=True)
+    ts = interpolate.interpolation_coefficients(9, extrapolate=2)
+    z = interpolate.interpolate(u0, u1, ts, "slerp")
+    assert torch.equal(z[:, 2], u0) and torch.equal(z[:, 10], u1)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(5, len(ts)), atol=1e-5)  # never leaves the sphere
+    omega = torch.acos((u0 * u1).sum(1))
+    angle = torch.acos((z * u0[:, None]).sum(-1).clamp(-1, 1))  # the angle from u0 grows linearly with t
+    t = torch.tensor(ts)
+    assert torch.allclose(angle[:, 2:], (t[2:] * omega[:, None]).clamp(max=math.pi), atol=1e-3)
+    lerped = interpolate.interpolate(u0, u1, ts, "lerp")
+    assert (lerped[:, 3:10].norm(dim=-1) < 0.99).all()  # lerp cuts through the ball, slerp does not
+
+    # general vectors: the norm goes linearly from |z0| to |z1|, the direction as on the sphere
+    z0, z1 = 2 * u0, 5 * u1
+    z = interpolate.interpolate(z0, z1, ts, "slerp")
+    assert torch.equal(z[:, 2], z0) and torch.equal(z[:, 10], z1)
+    assert torch.allclose(z.norm(dim=-1), (2 * (1 - t) + 5 * t).expand(5, -1), atol=1e-4)
+    assert torch.allclose(z / z.norm(dim=-1, keepdim=True), interpolate.interpolate(u0, u1, ts, "slerp"), atol=1e-5)
+
+
+def test_slerp_falls_back_to_lerp_where_the_circle_is_undefined():
+    z0 = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    z1 = torch.stack([z0[0] * (1 + 1e-8), -z0[1], torch.tensor([1.0, 1.0, 1.0])])  # same direction, opposite, zero norm
+    ts = [0.0, 0.25, 0.5, 1.0]
+    z = interpolate.interpolate(z0, z1, ts, "slerp")
+    assert torch.isfinite(z).all()
+    assert torch.allclose(z, interpolate.interpolate(z0, z1, ts, "lerp"))
+
+
+# --- grids from real checkpoints -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,method,extrapolate", [("dcgan", "lerp", 2), ("acgan", "slerp", 1), ("infogan", "slerp", 0)])
+def test_endpoints_reproduce_the_samples_of_the_endpoint_latents(ckpts, name, method, extrapolate):
+    module, models, config = load(ckpts[name])
+    a = args(method=method, extrapolate=extrapolate)
+    grid = interpolate.pairs_grid(module, models, config, a, torch.Generator().manual_seed(7))
+    assert grid["images"].shape[:2] == (3, 5 + 2 * extrapolate)
+    g = torch.Generator().manual_seed(7)  # the same stream: z0, z1 (, the classes)
+    z0 = module.sample_latent(config, 3, "cpu", generator=g)
+    z1 = module.sample_latent(config, 3, "cpu", generator=g)
+    labels = torch.randint(0, config["n_classes"], (3,), generator=g) if name == "acgan" else None
+    if name == "infogan":  # only the noise moves; the codes stay those of z0
+        noise = config["nz"]
+        z1 = torch.cat([z1[:, :noise], z0[:, noise:]], 1)
+        assert (grid["latents"][:, :, noise:] == z0[:, None, noise:]).all()
+        middle = interpolate.interpolate(z0[:, :noise], z1[:, :noise], [0.0, 0.25, 0.5, 0.75, 1.0], "slerp")
+        assert torch.allclose(grid["latents"][:, :, :noise], middle)  # slerp of the noise alone
+    first, last = extrapolate, extrapolate + 4
+    assert torch.equal(grid["images"][:, first], module.generate(models, z0, labels))
+    assert torch.equal(grid["images"][:, last], module.generate(models, z1, labels))
+    assert not torch.equal(grid["images"][:, first], grid["images"][:, first + 1])
+
+
+def test_vae_pixel_mode_pairs_latent_and_pixel_rows(ckpts):
+    module, models, config = load(ckpts["vae"])
+    grid = interpolate.pixel_grid(module, models, config, args(pairs=2, steps=11), None)
+    assert grid["images"].shape[:2] == (4, 11) and grid["rows"] == ["latent 0", "pixel 0", "latent 1", "pixel 1"]
+    assert grid["cols"][:3] == ["0.00", "0.10", "0.20"]
+    images, _ = module.real_images(config, "test")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:4]
+    x = images[pick].float() / 255
+    assert torch.equal(grid["images"][1, 0], x[0]) and torch.equal(grid["images"][1, 10], x[2])  # pixel row: the test images
+    assert torch.allclose(grid["images"][1, 5], 0.5 * (x[0] + x[2]), atol=1e-6)  # and their average halfway
+    mu0, mu1 = module.encode(models, x[:2])[0], module.encode(models, x[2:])[0]
+    assert torch.equal(grid["images"][0::2, 0], module.generate(models, mu0))  # latent rows: decoded posterior means
+    assert torch.equal(grid["images"][0::2, 10], module.generate(models, mu1))
+
+
+def test_classes_and_codes_keep_the_noise_and_vary_one_thing(ckpts):
+    module, models, config = load(ckpts["acgan"])
+    grid = interpolate.classes_grid(module, models, config, args(n_noise=3), torch.Generator().manual_seed(0))
+    assert grid["images"].shape[:2] == (10, 3) and grid["rows"] == [str(c) for c in range(10)]
+    assert (grid["latents"] == grid["latents"][:1]).all()  # one noise per column, the same in every row
+    assert torch.equal(grid["images"][:, 1], module.generate(models, grid["latents"][:, 1], torch.arange(10)))
+    assert torch.allclose(grid["images"][7], module.generate(models, grid["latents"][7], torch.full((3,), 7)), atol=1e-5)
+
+    module, models, config = load(ckpts["infogan"])
+    grids = interpolate.code_grids(module, models, config, args(n_noise=3, steps=4), torch.Generator().manual_seed(0))
+    assert [g["name"] for g in grids] == ["code_cat0", "code_cont0", "code_cont1"]
+    assert [g["images"].shape[:2] for g in grids] == [(3, 10), (3, 4), (3, 4)]
+    cat, cont0 = grids[0]["latents"], grids[1]["latents"]
+    nz = config["nz"]
+    assert torch.equal(cat[0, :, nz:nz + 10], torch.eye(10))  # column j: category j
+    assert (cat[:, :, :nz] == cat[:, :1, :nz]).all()  # noise fixed along each row, different between rows
+    assert not torch.equal(cat[0, 0, :nz], cat[1, 0, :nz])
+    assert cont0[0, :, nz + 10].tolist() == pytest.approx([-2, -2 / 3, 2 / 3, 2])
+
+
+def cell_counts(png):
+    """(rows, cols) of image cells in a written grid, counted from the white separators between them."""
+    image = Image.open(png)
+    meta = {k: int(v) for k, v in image.text.items()}
+    a = np.asarray(image.convert("L"))[meta["top"]:, meta["left"]:]
+    width = meta["cols"] * (meta["cell_w"] + meta["pad"]) + meta["pad"]
+    height = meta["rows"] * (meta["cell_h"] + meta["pad"]) + meta["pad"]
+    assert a.shape[0] == height and a.shape[1] >= width
+    a = a[:, :width]
+    runs = lambda blank: int(np.sum(~blank[1:] & blank[:-1]))  # noqa: E731 (a cell starts after a white line)
+    return (runs((a == 255).all(1)), runs((a == 255).all(0))), (meta["rows"], meta["cols"])
+
+
+@pytest.mark.parametrize("name", ["dcgan", "wgan", "vae", "acgan", "infogan"])
+def test_every_grid_has_the_rows_and_columns_asked_for(ckpts, tmp_path, capsys, name):
+    out = tmp_path / "grids"
+    interpolate.main(["--ckpt", str(ckpts[name]), "--out_dir", str(out), "--pairs", "3", "--steps", "4",
+                      "--extrapolate", "1", "--dims", "0,2", "--n_noise", "2", "--device", "cpu"])
+    written = capsys.readouterr().out.split()
+    expected = {"pairs_lerp": (3, 6), "traverse": (2, 4)}
+    expected.update({"vae": {"pixel": (6, 6)}, "acgan": {"classes": (10, 2)},
+                     "infogan": {"code_cat0": (2, 10), "code_cont0": (2, 4), "code_cont1": (2, 4)}}.get(name, {}))
+    assert sorted(written) == sorted(str(out / f"{k}.png") for k in expected)
+    for key, shape in expected.items():
+        counted, meta = cell_counts(out / f"{key}.png")
+        assert counted == shape and meta == shape, key
+
+
+def error_line(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        interpolate.main([*map(str, argv), "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code != 0 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_requests_end_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    assert "needs a VAE" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "pixel")
+    assert "needs a class-conditional" in error_line(capsys, "--ckpt", ckpts["infogan"], "--mode", "classes")
+    assert "dimensions 0..7" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "traverse", "--dims", "3,8")
+    sr = tmp_path / "sr.pt"  # a script without a latent space, as srgan.py
+    torch.save({"script": "srgan", "format": 1, "config": {}, "models": {}}, sr)
+    fake = types.SimpleNamespace(load_models=lambda ckpt, device: {})  # stands in for srgan.py: no training needed
+    monkeypatch.setitem(sys.modules, "srgan", fake)
+    assert "no latent space" in error_line(capsys, "--ckpt", sr)
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"garbage")
+    assert "cannot read checkpoint" in error_line(capsys, "--ckpt", bad)
+    assert "no checkpoint" in error_line(capsys, "--ckpt", tmp_path / "missing.pt")
+
+
+def test_command_line_writes_next_to_the_checkpoint(ckpts):
+    proc = run_script("interpolate.py", "--ckpt", ckpts["acgan"], "--mode", "classes,pairs", "--method", "slerp")
+    paths = proc.stdout.split()
+    assert paths == [str(ckpts["acgan"].parent / "interpolations" / f) for f in ("classes.png", "pairs_slerp.png")]
+    image = Image.open(paths[0])
+    assert image.text["rows"] == "10" and image.text["cols"] == "10"  # defaults: 10 noise vectors x 10 digits
