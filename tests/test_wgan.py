@@ -1,0 +1,399 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO))
+import wgan  # noqa: E402
+
+TINY = ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--device", "cpu"]
+
+
+def config(**kw):
+    base = dict(nz=16, ngf=16, ndf=16, channels=1, img_size=32, upsample="convtranspose", critic_norm="layer",
+                mode="gp", gp_weight=10.0, clip=0.01)
+    return {**base, **kw}
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def main_error(capsys, *argv):
+    """Run wgan.main in this process, expect it to stop with a non-zero exit; return its one stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        wgan.main([str(a) for a in argv])
+    assert stop.value.code != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training with one thread, as run_script's subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
+    machine two spinning threads are many times slower, and the losses match those of the subprocesses exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- architecture --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("img_size", [32, 64])
+def test_generator_and_critic_shapes(img_size):
+    for norm in ("batch", "layer", "none"):
+        models = wgan.build_models(config(img_size=img_size, channels=3, critic_norm=norm))
+        x = models["G"](torch.randn(5, 16))
+        assert x.shape == (5, 3, img_size, img_size) and x.min() >= -1 and x.max() <= 1
+        assert models["D"](x).shape == (5,)
+
+
+def test_critic_is_the_dcgan_discriminator_without_sigmoid():
+    D = wgan.build_models(config(img_size=64, channels=3, ndf=64, critic_norm="batch"))["D"]
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [64, 128, 256, 512, 1]
+    assert [m.stride[0] for m in convs] == [2, 2, 2, 2, 1] and all(m.bias is None for m in convs)
+    assert [type(m) for m in D.net[:3]] == [nn.Conv2d, nn.LeakyReLU, nn.Conv2d]  # no norm on the input layer
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D.modules()) == 3
+    assert isinstance(D.net[-1], nn.Conv2d)  # an unbounded score: no sigmoid
+    with torch.no_grad():
+        D.net[-1].weight.mul_(1000)
+        scores = D(torch.randn(8, 3, 64, 64))
+    assert scores.abs().max() > 1
+    # the generator is the DCGAN one of seed 000 Table 2
+    G = wgan.build_models(config(img_size=64, channels=3, ngf=128, nz=100))["G"]
+    assert [m.out_channels for m in G.modules() if isinstance(m, nn.ConvTranspose2d)] == [1024, 512, 256, 128, 3]
+
+
+def test_critic_norms():
+    layer = wgan.build_models(config(critic_norm="layer"))["D"]
+    norms = [m for m in layer.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 2 and all(m.num_groups == 1 for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in layer.modules())
+    # layer norm is per sample: a sample's score does not depend on the rest of the batch
+    layer.train()
+    x = torch.randn(6, 1, 32, 32)
+    assert torch.allclose(layer(x)[:2], layer(x[:2]), atol=1e-6)
+    h = layer.net[:3](x)  # the output of the first normalised conv, before its GroupNorm
+    flat = h.flatten(1)  # normalised over all of C x H x W, separately for each sample
+    expected = (flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    assert torch.allclose(layer.net[3](h).flatten(1), expected, atol=1e-5)
+    none = wgan.build_models(config(critic_norm="none"))["D"]
+    assert not any(isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) for m in none.modules())
+    assert [m.bias is not None for m in none.modules() if isinstance(m, nn.Conv2d)] == [False, True, True, False]
+
+
+def test_losses_match_their_formulas():
+    r, f = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-0.3, 1.2, -2.0])
+    assert torch.allclose(wgan.critic_loss(r, f, torch.tensor(0.25), 10.0), f.mean() - r.mean() + 2.5)
+    assert torch.allclose(wgan.generator_loss(f), -f.mean())
+
+
+# --- the gradient penalty ------------------------------------------------------------------
+
+
+class TinyCritic(nn.Module):
+    """A 2-layer MLP critic on 1 x 4 x 4 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
+def finite_difference_penalty(critic, real, fake, eps, h=1e-5):
+    """(||grad D(x_hat)|| - 1)^2 averaged over samples, the gradient by central differences, sample by sample."""
+    x_hat = eps * real + (1 - eps) * fake
+    penalties = []
+    with torch.no_grad():
+        for x in x_hat:
+            basis = torch.eye(x.numel(), dtype=x.dtype).view(-1, *x.shape) * h
+            grad = (critic(x + basis) - critic(x - basis)) / (2 * h)  # one coordinate per row of the batch
+            penalties.append((grad.norm() - 1) ** 2)
+    return torch.stack(penalties).mean()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "critic"])
+def test_gradient_penalty_matches_finite_differences(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        critic, shape = TinyCritic().double(), (3, 1, 4, 4)
+        with torch.no_grad():
+            critic.net[1].weight.mul_(3)  # gradient norms well away from 1
+    else:  # the real critic, layer norm: per-sample, so its penalty is defined
+        critic, shape = wgan.build_models(config(ndf=4))["D"].double(), (2, 1, 32, 32)
+        with torch.no_grad():
+            critic.net[-1].weight.mul_(5)
+    real, fake = torch.rand(shape, dtype=torch.float64) * 2 - 1, torch.rand(shape, dtype=torch.float64) * 2 - 1
+    eps = torch.rand(shape[0], 1, 1, 1, dtype=torch.float64)
+    penalty = wgan.gradient_penalty(critic, real, fake, eps)
+    expected = finite_difference_penalty(critic, real, fake, eps)
+    assert expected > 0.05
+    assert abs(penalty.item() - expected.item()) < 1e-6 * max(1.0, expected.item())
+
+    # the penalty is differentiable in the critic's weights (create_graph): check one weight by differences
+    penalty.backward()
+    weight = critic.net[1].weight if kind == "mlp" else critic.net[2].weight
+    index, h = (0,) * weight.dim(), 1e-6
+
+    def penalty_with_weight_shifted_by(delta):
+        with torch.no_grad():
+            weight[index] += delta
+        value = wgan.gradient_penalty(critic, real, fake, eps).detach()
+        with torch.no_grad():
+            weight[index] -= delta
+        return value
+
+    numeric = (penalty_with_weight_shifted_by(h) - penalty_with_weight_shifted_by(-h)) / (2 * h)
+    assert abs(weight.grad[index].item()) > 1e-4
+    assert abs(weight.grad[index].item() - numeric.item()) < 1e-6 * max(1.0, abs(numeric.item()))
+
+
+def test_interpolation_coefficient_is_per_sample():
+    seen = []
+
+    def recording_critic(x):
+        seen.append(x.detach().clone())
+        return x.flatten(1).sum(1)
+
+    torch.manual_seed(1)
+    real, fake = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    wgan.gradient_penalty(recording_critic, real, fake)
+    x_hat = seen[0]
+    d, t = (x_hat - fake).flatten(1), (real - fake).flatten(1)
+    coef = (d * t).sum(1) / (t * t).sum(1)  # x_hat - fake = coef * (real - fake), one coef per sample
+    assert torch.allclose(d, coef[:, None] * t, atol=1e-5)  # on the segment (fails for one eps per pixel)
+    assert (coef >= 0).all() and (coef <= 1).all()
+    assert coef.std() > 0.05  # and a different point for each sample
+
+
+def test_penalty_under_bf16_autocast_is_float32():
+    torch.manual_seed(0)
+    critic = wgan.build_models(config(ndf=8))["D"]
+    real, fake = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 1, 32, 32) * 2 - 1
+    eps = torch.rand(4, 1, 1, 1)
+    reference = wgan.gradient_penalty(critic, real, fake, eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = wgan.gradient_penalty(critic, real, fake, eps)
+    assert penalty.dtype == torch.float32
+    assert abs(penalty.item() - reference.item()) < 0.05 * reference.item() + 1e-3
+    penalty.backward()
+    assert all(torch.isfinite(p.grad).all() for p in critic.parameters() if p.grad is not None)
+
+
+# --- modes and their defaults --------------------------------------------------------------
+
+
+def resolved(*argv):
+    _, args = wgan.get_args(list(argv))
+    config = vars(args)
+    return config, wgan.resolve_mode_defaults(config)
+
+
+def test_mode_defaults_come_from_the_papers():
+    gp, error = resolved()
+    assert error is None and gp["mode"] == "gp"
+    assert (gp["lr"], gp["beta1"], gp["beta2"], gp["n_critic"], gp["gp_weight"], gp["critic_norm"]) == (1e-4, 0.0, 0.9, 5, 10.0, "layer")
+    clip, error = resolved("--mode", "clip")
+    assert error is None and (clip["lr"], clip["clip"], clip["n_critic"], clip["critic_norm"]) == (5e-5, 0.01, 5, "batch")
+    assert resolved("--lr", "3e-4")[0]["lr"] == 3e-4
+    assert "Arjovsky" in resolved("--mode", "clip", "--beta1", "0.5")[1]
+    assert "--critic_norm batch" in resolved("--critic_norm", "batch")[1]
+    help_text = wgan.get_args([])[0].format_help()
+    assert "Gulrajani" in help_text and "Arjovsky" in help_text and "0.05" in help_text
+
+
+def test_gp_with_batch_norm_is_refused(tiny_mnist, tmp_path, capsys):
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--critic_norm", "batch", "--out_dir", tmp_path / "o", *TINY)
+    assert line.startswith("wgan.py: error:") and "per-sample gradient penalty" in line
+    assert not (tmp_path / "o").exists()
+
+
+# --- training runs -------------------------------------------------------------------------
+
+
+def test_clip_mode_keeps_every_weight_within_the_bound_after_every_critic_step(tiny_mnist, tmp_path, monkeypatch, one_thread):
+    clip, records = 0.01, []
+    original = wgan.critic_step
+
+    def checked_critic_step(D, *args, **kwargs):
+        result = original(D, *args, **kwargs)
+        records.append(max(p.abs().max().item() for p in D.parameters()))
+        return result
+
+    monkeypatch.setattr(wgan, "critic_step", checked_critic_step)
+    out = tmp_path / "clip"
+    # a learning rate large enough that unclipped weights would leave the bound at once
+    wgan.main(["--mode", "clip", "--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3", "--n_critic", "3",
+               "--lr", "0.05", "--clip", str(clip), "--log_interval", "1", *TINY])
+    assert len(records) == 9
+    assert all(r <= clip for r in records)
+    assert max(records) == pytest.approx(clip)  # the bound is reached, so the clipping did something
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["lr"] == 0.05 and ckpt["config"]["critic_norm"] == "batch"
+    bn = [k for k in ckpt["models"]["D"] if k.endswith(".weight") and ckpt["models"]["D"][k].dim() == 1]
+    assert bn  # batch-norm scales are critic weights too, and they are clipped
+    assert all(v.abs().max() <= clip for k, v in ckpt["models"]["D"].items() if v.is_floating_point() and "running" not in k)
+    assert "square_avg" in ckpt["optimizers"]["D"]["state"][0]  # RMSprop
+    rows = read_log(out)
+    assert all(r["gp"] == 0 for r in rows) and len(rows) == 3
+
+
+def test_training_writes_every_output(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    run_script("wgan.py", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "6", "--log_interval", "2",
+               "--sample_interval", "3", "--ckpt_interval", "3", "--n_critic", "2", *TINY)
+    for name in ("ckpt.pt", "log.jsonl", "curves.png", "config.json", "samples/step_000003.png", "samples/step_000006.png"):
+        assert (out / name).exists(), name
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert {"loss_D", "wasserstein", "gp", "loss_G", "ms_per_step", "images_per_s"} <= set(rows[0])
+    for r in rows:  # loss_D = -W + lambda * gp, all averaged over the same critic steps
+        assert r["loss_D"] == pytest.approx(-r["wasserstein"] + 10 * r["gp"], rel=1e-4, abs=1e-5)
+        assert r["gp"] > 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["script"] == "wgan" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
+    assert ckpt["config"]["mode"] == "gp" and tuple(ckpt["optimizers"]["D"]["param_groups"][0]["betas"]) == (0.0, 0.9)
+    assert "exp_avg" in ckpt["optimizers"]["D"]["state"][0]  # Adam
+    models = wgan.load_models(ckpt, "cpu")
+    assert not models["G"].training and not models["D"].training
+    images = wgan.generate(models, wgan.sample_latent(ckpt["config"], 4, "cpu"))
+    assert images.shape == (4, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
+    real, labels = wgan.real_images(ckpt["config"], "test")
+    assert real.shape == (64, 1, 32, 32) and real.dtype == torch.uint8 and labels.shape == (64,)
+    with pytest.raises(ValueError, match="not a wgan checkpoint"):
+        wgan.load_models({**ckpt, "script": "dcgan"}, "cpu")
+    from PIL import Image
+    assert Image.open(out / "samples/step_000006.png").size == (6 * 34 + 2, 6 * 34 + 2)  # 6x6 grid, 2 px padding
+
+
+def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path, one_thread):
+    common = ["--data_dir", str(tiny_mnist), "--log_interval", "1", "--ckpt_interval", "5", "--sample_interval", "1000",
+              "--n_critic", "2", *TINY]
+    straight = tmp_path / "straight"
+    wgan.main(["--out_dir", str(straight), "--max_iters", "20", *common])
+    expected = {r["step"]: (r["loss_D"], r["gp"], r["loss_G"]) for r in read_log(straight)}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "wgan.py", "--out_dir", killed, "--max_iters", "100000", *common],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "ckpt.pt").exists() and (killed / "log.jsonl").exists() and len(read_log(killed)) >= 12:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_step = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
+    assert saved_step >= 10 and saved_step % 5 == 0
+
+    wgan.main(["--out_dir", str(killed), "--max_iters", "20", "--resume", *common])
+    rows = read_log(killed)
+    assert [r["step"] for r in rows] == list(range(1, 21))  # lines after the checkpoint were replaced, not duplicated
+    for r in rows:  # the penalty's random eps included
+        assert (r["loss_D"], r["gp"], r["loss_G"]) == expected[r["step"]], r["step"]
+
+
+DDP_GRADIENT_CHECK = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import wgan
+from torch.nn.parallel import DistributedDataParallel as DDP
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+torch.manual_seed(0)
+D = wgan.build_models(dict(nz=8, ngf=4, ndf=4, channels=1, img_size=32, upsample="convtranspose", critic_norm="layer"))["D"].double()
+real, fake = torch.rand(8, 1, 32, 32, dtype=torch.float64), torch.rand(8, 1, 32, 32, dtype=torch.float64)
+eps = torch.rand(8, 1, 1, 1, dtype=torch.float64)
+def loss(critic, part):
+    penalty = wgan.gradient_penalty(critic, real[part], fake[part], eps[part])
+    return wgan.critic_loss(critic(real[part]), critic(fake[part]), penalty, 10.0)
+loss(D, slice(None)).backward()
+whole_batch = [p.grad.clone() for p in D.parameters()]
+D.zero_grad()
+ddp = DDP(D)  # kept alive through backward: its hooks do the all-reduce
+loss(ddp, slice(4 * rank, 4 * rank + 4)).backward()
+assert all(torch.allclose(p.grad, g, atol=1e-12) for p, g in zip(D.parameters(), whole_batch)), "DDP gradients differ"
+torch.distributed.destroy_process_group()
+'''
+
+
+def torchrun(*args, port):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *map(str, args)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes(tiny_mnist, tmp_path):
+    # the penalty's double backward through DDP gives the gradient of the whole batch
+    (tmp_path / "ddp_check.py").write_text(DDP_GRADIENT_CHECK)
+    proc = torchrun(tmp_path / "ddp_check.py", REPO, port=29643)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "ddp"
+    proc = torchrun("wgan.py", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "3", "--log_interval", "1",
+                    "--n_critic", "2", *TINY, port=29644)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert not any(k.startswith("module.") for k in ckpt["models"]["D"])  # saved without the DDP wrapper
+    assert len(read_log(out)) == 3  # only rank 0 writes
+
+
+# --- checkpoints and bad input -------------------------------------------------------------
+
+
+def test_missing_dataset_names_prepare_command(tmp_path, capsys):
+    line = main_error(capsys, "--data_dir", tmp_path, "--dataset", "celeba", "--out_dir", tmp_path / "o")
+    assert "python " in line and "celeba/prepare.py" in line
+
+
+def test_unsupported_image_size_and_bad_flags(tiny_mnist, tmp_path, capsys):
+    assert "--img_size 48" in main_error(capsys, "--data_dir", tiny_mnist, "--img_size", "48", "--out_dir", tmp_path / "o")
+    assert "--n_critic 0" in main_error(capsys, "--data_dir", tiny_mnist, "--n_critic", "0", "--out_dir", tmp_path / "o")
+    assert "--clip -0.01" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--clip", "-0.01", "--out_dir", tmp_path / "o")
+    assert "RMSprop" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--beta1", "0.5", "--out_dir", tmp_path / "o")
+
+
+def test_corrupt_or_foreign_checkpoint_to_resume(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    assert "cannot read checkpoint" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
+    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
+    torch.save({"script": "dcgan", "format": 1}, out / "dcgan.pt")
+    assert "not wgan" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", out / "dcgan.pt", *TINY)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--ckpt_interval", "2", "--log_interval", "2", "--n_critic", "2", *TINY]
+    wgan.main([str(a) for a in ["--max_iters", "2", *common]])
+    good = (out / "ckpt.pt").read_bytes()
+    assert "non-finite loss" in main_error(capsys, "--max_iters", "20", "--resume", "--lr", "1e30", *common)
+    assert (out / "ckpt.pt").read_bytes() == good
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(REPO / "wgan.py", alone)
+    shutil.copytree(tiny_mnist, alone / "data")
+    run_script("wgan.py", "--max_iters", "2", "--n_critic", "1", *TINY, cwd=alone)
+    assert (alone / "out" / "wgan" / "ckpt.pt").exists()
