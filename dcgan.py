@@ -522,6 +522,7 @@ def main(argv=None):
         if master and (step % config["ckpt_interval"] == 0 or is_last):
             save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
     if ddp:
+        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()
 
 

@@ -618,6 +618,7 @@ def main(argv=None):
             stats.zero_()
             t0, iters_since_log = time.perf_counter(), 0
     if ddp:
+        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()
 
 

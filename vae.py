@@ -828,6 +828,7 @@ def main(argv=None):
         final_mse = reconstruction_mse(models, test_data) if step == start_step else mse  # a resume with nothing left to do
         print(f"test MSE: {final_mse:.6f} (best {best_mse:.6f}, kept in ckpt_best.pt)")
     if ddp:
+        del encoder_train, decoder_train, flow_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()
 
 

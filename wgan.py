@@ -17,7 +17,7 @@ critic without batch norm.
     python wgan.py                                    # WGAN-GP on the embedded MNIST sample, 32x32
     python wgan.py --mode clip                        # WGAN with weight clipping, RMSprop
     python wgan.py --mode clip --clip 0.05            # the clipping bound of seed 003
-    python wgan.py --dataset celeba --img_size 64 --ngf 64 --ndf 64
+    python wgan.py --dataset celeba --img_size 64 --ngf 64 --ndf 64 --batch_size 64
     torchrun --nproc_per_node=2 wgan.py               # DistributedDataParallel
 
 Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
@@ -561,6 +561,7 @@ def main(argv=None):
         if master and (step % config["ckpt_interval"] == 0 or is_last):
             save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
     if ddp:
+        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()
 
 
