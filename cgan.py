@@ -283,7 +283,7 @@ def code_accuracy(q_out, z, config):
 
 
 # -----------------------------------------------------------------------------
-# The interface evaluate.py and interpolate.py use (see INTERFACE.md)
+# The interface evaluate.py and interpolate.py use (README: "The model interface")
 
 
 def load_models(ckpt, device):

@@ -5,7 +5,7 @@
     python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, LPIPS (+ bilinear), FID
     python evaluate.py --real DIR_OR_NPY --fake DIR_OR_NPY     # like python -m pytorch_fid A B
 
-What is measured depends on what the checkpoint's script defines (INTERFACE.md):
+What is measured depends on what the checkpoint's script defines (README: "The model interface"):
 `generate` -> FID, KID, Inception Score and, on labelled data, the class
 histogram of the samples; `encode` + `log_importance_weights` -> reconstruction
 MSE and bits per dimension; `upscale` + `degrade` -> MSE, PSNR, LPIPS and FID.
@@ -474,7 +474,7 @@ def import_script(name):
 
 
 def model_kinds(module):
-    """What a script can be asked, by the functions it defines (INTERFACE.md)."""
+    """What a script can be asked, by the functions it defines (README: "The model interface")."""
     kinds = []
     if hasattr(module, "generate") and hasattr(module, "sample_latent"):
         kinds.append("generator")

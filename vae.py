@@ -386,7 +386,7 @@ def decoder_sigma_loss(x, logits, log_sigma):
 
 
 # -----------------------------------------------------------------------------
-# The interface evaluate.py and interpolate.py use (see INTERFACE.md)
+# The interface evaluate.py and interpolate.py use (README: "The model interface")
 
 
 def load_models(ckpt, device):
