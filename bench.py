@@ -1,17 +1,26 @@
-"""Throughput and memory of each training script, and of FID feature extraction.
+"""Speed of each training script against a plain PyTorch loop, and quality of each default run.
 
-Each training case runs the real script in a subprocess for 2 x --steps
-iterations on the embedded MNIST sample and reads the steady-state ms/step and
-images/s from its log.jsonl: the second log row, so the first --steps
-iterations (compilation, cudnn autotuning) are warm-up. Peak memory is
-the CUDA allocator's peak on a GPU, the process's max resident set on a CPU.
+Speed (the default): each case runs the real script in a subprocess and reads its steady-state
+ms/step from log.jsonl (the second log row: the first --steps iterations are warm-up). Beside it,
+in the same run, bench.py times its own plain reference loop on the same networks, built by the
+script's build_models: float32, contiguous tensors, a fresh G forward for every update, no
+augmentation, no EMA, the loop a student would write from pytorch/examples. The speed-up is the
+ratio of the two, taken from one run on one machine, so it does not depend on the machine's speed.
+Rounds alternate the cases so that a change of load hits all of them.
 
     python bench.py                        # every case, current device
-    python bench.py --only dcgan --steps 50 --device cuda --compile
+    python bench.py --only dcgan --rounds 3
+    python bench.py --quality              # train each default run, evaluate it, one table
+
+The script is timed twice: with the plain loop's work (`--augment none --ema_decay 0`, what
+the ratio compares) and as it runs by default (augmentation and EMA on), under --dtype float32
+and --dtype auto.
 """
 import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,19 +30,132 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 # (name, script, flags): the configurations users run most
 CASES = [
-    ("dcgan 32px b64", "dcgan.py", ["--img_size", "32", "--batch_size", "64"]),
     ("dcgan 32px b128", "dcgan.py", ["--img_size", "32", "--batch_size", "128"]),
     ("dcgan 64px b64", "dcgan.py", ["--img_size", "64", "--batch_size", "64", "--ngf", "64", "--ndf", "64"]),
-    ("dcgan 64px b128", "dcgan.py", ["--img_size", "64", "--batch_size", "128", "--ngf", "64", "--ndf", "64"]),
-    ("wgan-gp 32px b64", "wgan.py", ["--img_size", "32", "--batch_size", "64"]),
-    ("vae mlp b64", "vae.py", ["--batch_size", "64"]),
-    ("vae conv 64px b64", "vae.py", ["--arch", "conv", "--img_size", "64", "--batch_size", "64"]),
-    ("srgan 64px b32", "srgan.py", ["--batch_size", "32"]),
-    ("acgan 32px b64", "cgan.py", ["--batch_size", "64"]),
+    ("wgan-gp 32px b32", "wgan.py", ["--batch_size", "32"]),
+    ("srgan 64px b16", "srgan.py", ["--batch_size", "16"]),
 ]
+SAME_WORK = ["--augment", "none", "--ema_decay", "0"]
 
 
-def bench_training(script, flags, steps, device, compile_):
+# -----------------------------------------------------------------------------
+# The plain reference loops: what a student writes, with the script's own networks
+
+
+def load_script(script, config):
+    """The script module, its training images as uint8 N x C x H x W, and its networks built from `config`."""
+    sys.path.insert(0, REPO)
+    module = __import__(script[:-3])
+    images, _ = module.load_images(config["data_dir"], config["dataset"], "train", config.get("img_size") or 64)
+    config["channels"] = images.shape[1]
+    return module, images, module.build_models(config)
+
+
+def timed(step, steps, warmup):
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def plain_dcgan(config, steps, warmup):
+    """pytorch/examples' DCGAN loop: D on real and on fresh fakes, then G on another fresh batch."""
+    import torch
+    import torch.nn.functional as F
+    _, images, models = load_script("dcgan.py", config)
+    G, D = models["G"], models["D"]
+    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    batch, nz = config["batch_size"], config["nz"]
+
+    def step():
+        real = images[torch.randint(0, len(images), (batch,))].float().div(127.5).sub(1)
+        fake = G(torch.randn(batch, nz))
+        loss_D = F.softplus(-D(real)).mean() + F.softplus(D(fake.detach())).mean()
+        opt_D.zero_grad()
+        loss_D.backward()
+        opt_D.step()
+        loss_G = F.softplus(-D(G(torch.randn(batch, nz)))).mean()
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+
+    return timed(step, steps, warmup)
+
+
+def plain_wgan_gp(config, steps, warmup):
+    """Gulrajani et al.'s Algorithm 1 as usually written: n_critic critic updates with the penalty, then G."""
+    import torch
+    module, images, models = load_script("wgan.py", config)
+    module.resolve_mode_defaults(config)
+    G, D = models["G"], models["D"]
+    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    batch, nz = config["batch_size"], config["nz"]
+
+    def step():
+        for _ in range(config["n_critic"]):
+            real = images[torch.randint(0, len(images), (batch,))].float().div(127.5).sub(1)
+            with torch.no_grad():
+                fake = G(torch.randn(batch, nz))
+            eps = torch.rand(batch, 1, 1, 1)
+            x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+            (grad,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
+            penalty = (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+            loss_D = D(fake).mean() - D(real).mean() + config["gp_weight"] * penalty
+            opt_D.zero_grad()
+            loss_D.backward()
+            opt_D.step()
+        loss_G = -D(G(torch.randn(batch, nz))).mean()
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+
+    return timed(step, steps, warmup)
+
+
+def plain_srgan(config, steps, warmup):
+    """The super-resolution GAN's loop: D on real and on G(low), then G on adversarial + reconstruction loss."""
+    import torch
+    import torch.nn.functional as F
+    module, images, models = load_script("srgan.py", config)
+    G, D = models["G"], models["D"]
+    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    batch = config["batch_size"]
+
+    def step():
+        truth = images[torch.randint(0, len(images), (batch,))].float().div(255)
+        low = module.degrade(truth, config) * 2 - 1
+        truth = truth * 2 - 1
+        loss_D = F.softplus(-D(truth)).mean() + F.softplus(D(G(low).detach())).mean()
+        opt_D.zero_grad()
+        loss_D.backward()
+        opt_D.step()
+        fake = G(low)
+        loss_G = config["recon_weight"] * F.l1_loss(fake, truth) + config["adv_weight"] * F.softplus(-D(fake)).mean()
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+
+    return timed(step, steps, warmup)
+
+
+PLAIN_LOOPS = {"dcgan.py": plain_dcgan, "wgan.py": plain_wgan_gp, "srgan.py": plain_srgan}
+
+
+def time_plain(script, flags, steps):
+    """ms/step of the plain loop, in a fresh process like the script's."""
+    out = subprocess.run([sys.executable, __file__, "--plain", script, "--steps", str(steps), "--", *flags],
+                         cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return {"ms_per_step": float(out.stdout.split()[-1])}
+
+
+def time_script(script, flags, steps, device, compile_):
     with tempfile.TemporaryDirectory() as out_dir:
         cmd = [sys.executable, script, *flags, "--out_dir", out_dir, "--device", device,
                "--max_iters", str(2 * steps), "--log_interval", str(steps),
@@ -42,64 +164,113 @@ def bench_training(script, flags, steps, device, compile_):
         with tempfile.TemporaryFile("w+") as stderr:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
             _, status, usage = os.wait4(proc.pid, 0)  # the resource usage of this child alone
-            proc.returncode = os.waitstatus_to_exitcode(status)
             stderr.seek(0)
-            if proc.returncode != 0:
+            if os.waitstatus_to_exitcode(status) != 0:
                 return {"error": (stderr.read().strip().splitlines() or ["failed"])[-1]}
         with open(os.path.join(out_dir, "log.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        row = rows[-1]
-        peak = row.get("peak_mem_mb")
-        if peak is None:
-            peak = f"{usage.ru_maxrss / 1024:.0f} (RSS)"
-        else:
-            peak = f"{peak:.0f}"
-        return {"ms_per_step": row["ms_per_step"], "images_per_s": row["images_per_s"], "peak_mem_mb": peak}
+            row = [json.loads(line) for line in f][-1]
+    peak = row.get("peak_mem_mb")
+    return {"ms_per_step": row["ms_per_step"], "peak": f"{peak:.0f}" if peak else f"{usage.ru_maxrss / 1024:.0f} RSS"}
 
 
-def bench_fid_features(n, batch_size, device):
-    import torch
-    sys.path.insert(0, REPO)
-    import evaluate
-    model = evaluate.load_inception(None, torch.device(device))
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    evaluate.inception_features(images[:batch_size], model, batch_size, torch.device(device))  # warm-up
-    t0 = time.perf_counter()
-    evaluate.inception_features(images, model, batch_size, torch.device(device))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {"images_per_s": n / dt, "ms_per_step": 1000 * dt / max(1, n // batch_size), "peak_mem_mb": "-"}
+def bench_speed(args):
+    cases = [c for c in CASES if args.only in c[0]]
+    variants = [("plain loop (fp32)", None),
+                ("script, same work, fp32", SAME_WORK + ["--dtype", "float32"]),
+                ("script, same work, auto", SAME_WORK + ["--dtype", "auto"]),
+                ("script, default, auto", ["--dtype", "auto"])]
+    times = {(c[0], v[0]): [] for c in cases for v in variants}
+    peaks = {}
+    for _ in range(args.rounds):
+        for name, script, flags in cases:
+            for label, extra in variants:
+                if extra is None:
+                    r = time_plain(script, flags, args.steps)
+                else:
+                    r = time_script(script, flags + extra, args.steps, args.device, args.compile)
+                    peaks[(name, label)] = r.get("peak", "-")
+                if "error" in r:
+                    print(f"{name} / {label}: error: {r['error']}", file=sys.stderr)
+                    continue
+                times[(name, label)].append(r["ms_per_step"])
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, {args.rounds} rounds "
+          f"of {args.steps} timed steps, median ms/step")
+    print(f"{'case':18s} {'variant':26s} {'ms/step':>9s} {'vs plain':>9s} {'peak MB':>10s}")
+    for name, _, _ in cases:
+        plain = statistics.median(times[(name, variants[0][0])] or [float("nan")])
+        for label, _ in variants:
+            ms = statistics.median(times[(name, label)] or [float("nan")])
+            print(f"{name:18s} {label:26s} {ms:9.1f} {plain / ms:8.2f}x {peaks.get((name, label), '-'):>10s}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Quality: each default run, trained and evaluated as a user would
+
+QUALITY_RUNS = [  # (name, the command a user runs)
+    ("dcgan", ["dcgan.py"]),
+    ("wgan", ["wgan.py"]),
+    ("cgan", ["cgan.py"]),
+    ("srgan", ["srgan.py"]),
+    ("vae", ["vae.py"]),
+]
+
+
+def shown(value):
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def bench_quality(args):
+    """Train each default run as a user would, evaluate it with evaluate.py --n 1000, one table."""
+    results = []
+    for name, command in QUALITY_RUNS:
+        if args.only not in name:
+            continue
+        out_dir = os.path.join(args.quality_dir, name)
+        t0 = time.perf_counter()
+        train = subprocess.run([sys.executable, *command, "--out_dir", out_dir], cwd=REPO, capture_output=True, text=True)
+        minutes = (time.perf_counter() - t0) / 60
+        if train.returncode != 0:
+            print(f"{name}: training failed: {(train.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+            continue
+        report = os.path.join(out_dir, "evaluate.json")
+        ev = subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(out_dir, "ckpt.pt"), "--n", "1000",
+                             "--json", report], cwd=REPO, capture_output=True, text=True)
+        if ev.returncode != 0:
+            print(f"{name}: evaluation failed: {(ev.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+            continue
+        with open(report) as f:
+            metrics = json.load(f)["metrics"]
+        results.append((name, " ".join(command), minutes, metrics))
+        print(f"{name}: {minutes:.1f} min, " + ", ".join(f"{k} {shown(v)}" for k, v in metrics.items()), flush=True)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores; "
+          f"each default run, then `evaluate.py --ckpt <run>/ckpt.pt --n 1000` against the test split\n")
+    print("| run | command | training wall time | metrics |")
+    print("|---|---|---|---|")
+    for name, command, minutes, metrics in results:
+        listed = ", ".join(f"{k} {shown(v)}" for k, v in metrics.items())
+        print(f"| {name} | `python {command}` | {minutes:.1f} min | {listed} |")
 
 
 def main():
-    p = argparse.ArgumentParser(description="Benchmark training and evaluation throughput.")
+    p = argparse.ArgumentParser(description="Benchmark training speed against a plain loop, or the quality of the default runs.")
     p.add_argument("--only", default="", help="run only the cases whose name contains this text")
-    p.add_argument("--steps", type=int, default=20, help="timed iterations per training case (after as many warm-up ones)")
+    p.add_argument("--steps", type=int, default=20, help="timed iterations per case (after as many warm-up ones)")
+    p.add_argument("--rounds", type=int, default=2, help="times each case is measured, alternating with the others")
     p.add_argument("--device", default="auto", help="device passed to each script")
     p.add_argument("--compile", action="store_true", help="pass --compile to the training scripts")
-    p.add_argument("--fid_images", type=int, default=200, help="images for the FID feature-extraction case (0 skips it)")
+    p.add_argument("--quality", action="store_true", help="train each default run, then evaluate it with evaluate.py --n 1000")
+    p.add_argument("--quality_dir", default="out/bench_quality", help="where --quality's runs go")
+    p.add_argument("--plain", metavar="SCRIPT", help=argparse.SUPPRESS)  # internal: time the plain loop of SCRIPT
+    p.add_argument("flags", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
-
-    print(f"{'case':24s} {'ms/step':>9s} {'images/s':>10s} {'peak MB':>12s}")
-    for name, script, flags in CASES:
-        if args.only not in name:
-            continue
-        if not os.path.exists(os.path.join(REPO, script)):
-            continue
-        r = bench_training(script, flags, args.steps, args.device, args.compile)
-        if "error" in r:
-            print(f"{name:24s} error: {r['error']}")
-        else:
-            print(f"{name:24s} {r['ms_per_step']:9.1f} {r['images_per_s']:10.0f} {r['peak_mem_mb']:>12s}", flush=True)
-    if args.fid_images and args.only in "fid inception features":
-        import torch
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            r = bench_fid_features(args.fid_images, 50, device)
-            print(f"{'fid features (299px)':24s} {r['ms_per_step']:9.1f} {r['images_per_s']:10.1f} {'-':>12s}")
-        except SystemExit as e:
-            print(f"{'fid features (299px)':24s} unavailable: {e}")
+    if args.plain:
+        sys.path.insert(0, REPO)
+        config = vars(__import__(args.plain[:-3]).get_args(args.flags))  # the script's defaults and the case's flags
+        print(f"{PLAIN_LOOPS[args.plain](config, args.steps, warmup=args.steps):.3f}")
+    elif args.quality:
+        bench_quality(args)
+    else:
+        bench_speed(args)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Radford, Metz, Chintala, "Unsupervised Representation Learning with Deep
 Convolutional Generative Adversarial Networks", ICLR 2016. The networks follow
-the course handouts in the project's seeds: 32x32 MNIST with four layers
-(latent/hidden width 16 by default there) and 64x64 colour images with five
-layers (Table 2: 1024-512-256-128-3, i.e. --ngf 128).
+the course handouts: 32x32 MNIST with four layers (the MNIST DCGAN + FID
+homework) and 64x64 colour images with five layers (CIS 680 (2019)
+assignment 4, Table 2: 1024-512-256-128-3, i.e. --ngf 128).
 
     python dcgan.py                                   # embedded MNIST sample, 32x32
     python dcgan.py --dataset stl10 --img_size 64 --ngf 128 --ndf 128
@@ -14,6 +14,7 @@ Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
 log.jsonl, curves.png and config.json.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -78,7 +79,7 @@ def to_unit_range(images_uint8):
 
 
 def upsample_block(in_ch, out_ch, mode):
-    """Double the spatial size: a strided transposed conv, or resize then 3x3 conv (seed 003 §3)."""
+    """Double the spatial size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts")."""
     if mode == "convtranspose":
         return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=False)
     align = dict(align_corners=False) if mode == "bilinear" else {}
@@ -88,8 +89,8 @@ def upsample_block(in_ch, out_ch, mode):
 class Generator(nn.Module):
     """z (nz x 1 x 1) -> image (channels x img_size x img_size) in [-1, 1].
 
-    For img_size 32 (seed 001):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
-    For img_size 64 (seed 000):   nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
+    For img_size 32 (MNIST homework):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
+    For img_size 64 (CIS 680):          nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
     """
 
     def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose"):
@@ -114,7 +115,7 @@ class Discriminator(nn.Module):
     """image -> one logit: the generator mirrored, LeakyReLU(0.2), no batch norm on the input layer.
 
     For img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> (ndf*2) x 16 x 16 -> (ndf*4) x 8 x 8 -> (ndf*8) x 4 x 4 -> 1
-    The sigmoid of seed 000 lives in the loss (BCE with logits), which is the numerically stable form.
+    The handouts' final sigmoid lives in the loss (BCE with logits), which is the numerically stable form.
     """
 
     def __init__(self, ndf, channels, img_size):
@@ -134,7 +135,7 @@ class Discriminator(nn.Module):
 
 
 class MLPGenerator(nn.Module):
-    """The fully connected baseline of seed 001 (bonus 7): nz -> 4ngf -> 8ngf -> 16ngf -> C*H*W."""
+    """The fully connected baseline (the MNIST homework's bonus question): nz -> 4ngf -> 8ngf -> 16ngf -> C*H*W."""
 
     def __init__(self, nz, ngf, channels, img_size):
         super().__init__()
@@ -195,7 +196,7 @@ def build_models(config):
 
 
 def discriminator_loss(kind, real_logits, fake_logits):
-    if kind == "lsgan":  # seed 003 §4b: E[(D(x) - 1)^2] + E[D(G(z))^2]
+    if kind == "lsgan":  # Mao et al. 2017: E[(D(x) - 1)^2] + E[D(G(z))^2]
         return (real_logits - 1).pow(2).mean() + fake_logits.pow(2).mean()
     # -E[log D(x)] - E[log(1 - D(G(z)))], the same for minimax and non-saturating
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
@@ -215,15 +216,100 @@ def discriminator_output(kind, logits):
 
 
 # -----------------------------------------------------------------------------
+# Training aids that leave the model as defined: augmenting what D sees, and averaging G's weights
+
+
+def augment_color(x):
+    """Random brightness, saturation and contrast, per image (Zhao et al. 2020, DiffAugment)."""
+    n = x.shape[0]
+    x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean
+
+
+def augment_translation(x, ratio=0.125):
+    """Shift each image by up to ratio * size pixels; the edge pixels fill the gap (the background on digits)."""
+    n, c, h, w = x.shape
+    shift = int(h * ratio + 0.5)
+    dy = torch.randint(-shift, shift + 1, (n, 1, 1), device=x.device)
+    dx = torch.randint(-shift, shift + 1, (n, 1, 1), device=x.device)
+    rows = (torch.arange(h, device=x.device).view(1, h, 1) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w, device=x.device).view(1, 1, w) - dx).clamp(0, w - 1)
+    source = (rows * w + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return x.reshape(n, c, h * w).gather(2, source).view(n, c, h, w)
+
+
+def augment_cutout(x, ratio=0.5):
+    """Zero a square of ratio * size pixels at a random place in each image; it may hang over the edge."""
+    n, _, h, w = x.shape
+    size = int(h * ratio + 0.5)
+    top = torch.randint(-(size // 2), h - size // 2, (n, 1, 1), device=x.device)
+    left = torch.randint(-(size // 2), w - size // 2, (n, 1, 1), device=x.device)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+AUGMENTATIONS = {"color": augment_color, "translation": augment_translation, "cutout": augment_cutout}
+
+
+def diff_augment(x, policy):
+    """The same random, differentiable transforms on real and generated images before D sees them
+    (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training"): D cannot
+    memorise a small training set, and G's gradient passes through the transforms. G never learns
+    to produce them: it is judged on augmented fakes against augmented reals."""
+    for kind in policy:
+        x = AUGMENTATIONS[kind](x)
+    return x
+
+
+def augment_policy(text):
+    """'translation,cutout' -> ["translation", "cutout"]; 'none' -> []."""
+    policy = [] if text == "none" else text.split(",")
+    unknown = [kind for kind in policy if kind not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"--augment {text}: unknown {', '.join(unknown)}; use none or a comma list of {', '.join(AUGMENTATIONS)}")
+    return policy
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema <- decay * ema + (1 - decay) * weights, for every parameter."""
+    for averaged, current in zip(ema_model.parameters(), model.parameters()):
+        averaged.lerp_(current, 1 - decay)
+
+
+@torch.no_grad()
+def recompute_batchnorm_stats(model, batches):
+    """Averaged weights need batch-norm statistics of their own (those of the trained G do not fit
+    them): the plain average over `batches` (each a tuple of the model's inputs), in train mode."""
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    model.train()
+    for inputs in batches:
+        model(*inputs)
+    model.eval()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+# -----------------------------------------------------------------------------
 # The interface evaluate.py and interpolate.py use (see README "Model interface")
 
 
 def load_models(ckpt, device):
+    """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
     if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a {SCRIPT} checkpoint (script={ckpt.get('script')!r}, format={ckpt.get('format')!r})")
     models = build_models(ckpt["config"])
     for name, model in models.items():
-        model.load_state_dict(ckpt["models"][name])
+        model.load_state_dict(ckpt.get("ema", {}).get(name, ckpt["models"][name]))
         model.to(device).eval()
     return models
 
@@ -238,14 +324,19 @@ def generate(models, z, labels=None):
 
 
 # -----------------------------------------------------------------------------
-# Run outputs
+# Run outputs and setup, the same in every model script
 
 
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file, then rename: a kill mid-save never leaves a torn ckpt.pt."""
+    """Write to a temporary file, then rename: a kill or a full disk mid-save never leaves a torn ckpt.pt."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept") from None
 
 
 def load_checkpoint(path):
@@ -269,9 +360,8 @@ def plot_curves(log_path, png_path, keys):
     if not rows:
         return
     steps = [r["step"] for r in rows]
-    groups = [k for k in keys if isinstance(k, tuple)]
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, group in zip(axes[0], keys):
         for key in group:
             ax.plot(steps, [r[key] for r in rows], label=key)
         ax.set_xlabel("step")
@@ -284,54 +374,18 @@ def plot_curves(log_path, png_path, keys):
 
 
 def truncate_log(log_path, last_step):
-    """On resume, drop log lines written after the checkpoint we continue from."""
+    """Drop log lines written after `last_step`: on resume those after the checkpoint, on a new run all."""
     if not os.path.exists(log_path):
         return
     with open(log_path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
     with open(log_path, "w") as f:
         f.writelines(rows)
 
 
-# -----------------------------------------------------------------------------
-# Training
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a DCGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
-    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
-    p.add_argument("--out_dir", default="out/dcgan", help="checkpoint, samples, logs and curves go here")
-    p.add_argument("--img_size", type=int, default=32, help="32 (4 layers, seed 001) or 64 (5 layers, seed 000); any size for --arch mlp")
-    p.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="convolutional DCGAN or the MLP baseline (seed 001 bonus 7)")
-    p.add_argument("--nz", type=int, default=100, help="latent size (seed 001 default: 16)")
-    p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (seed 000: 128)")
-    p.add_argument("--ndf", type=int, default=32, help="discriminator width of its first layer")
-    p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
-                   help="how G doubles resolution: transposed conv, or resize then 3x3 conv (seed 003 §3)")
-    p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan"],
-                   help="GAN loss: non-saturating (log-D trick, seed 001), minimax (Goodfellow eq. 1), least squares (seed 003)")
-    p.add_argument("--batch_size", type=int, default=128, help="images per D step, over all processes")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    p.add_argument("--d_steps", type=int, default=1, help="D updates per iteration")
-    p.add_argument("--g_steps", type=int, default=1, help="G updates per iteration (seed 002 uses 2 for 1 D step)")
-    p.add_argument("--max_iters", type=int, default=2000, help="training iterations (each: d_steps D then g_steps G updates)")
-    p.add_argument("--log_interval", type=int, default=50, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=250, help="iterations between sample grids (and curves.png)")
-    p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bfloat16 on CUDA, else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT (default: --out_dir/ckpt.pt) exactly where it stopped")
-    return p, p.parse_args(argv)
-
-
-# Flags a resumed run may change; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile", "out_dir")
+def fail(message):
+    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def resolve_device(name):
@@ -344,68 +398,193 @@ def resolve_device(name):
     return torch.device("cpu")
 
 
-def fail(message):
-    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+def cpu_computes_bfloat16():
+    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs it faster than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
 
 
-def main(argv=None):
-    parser, args = get_args(argv)
-    config = vars(args)
+def resolve_dtype(name, device):
+    """--dtype auto: bfloat16 autocast where the device computes it natively, float32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        return "bfloat16" if cpu_computes_bfloat16() else "float32"
+    return "float32"
 
-    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+def setup_distributed(device_name):
+    """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(args.device)
-    if ddp:
+    device = resolve_device(device_name)
+    if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
+    return device, rank, world
 
+
+def typed_flags(argv):
+    """The flags the user typed (the parser takes no abbreviations), to tell `--lr 2e-4` from the default 2e-4."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+
+
+def resume_config(config, argv):
+    """The checkpoint to resume and its config, with the flags typed now that a resumed run may change."""
+    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] == "auto" else config["resume"]
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--resume: {e}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        kind = ckpt.get("script") if isinstance(ckpt, dict) else None
+        fail(f"--resume: {path} is not a {SCRIPT} checkpoint" + (f" but a {kind} one" if kind else ""))
+    typed = typed_flags(argv)
+    fixed = sorted(k for k in typed - set(RESUMABLE_OVERRIDES) if k in ckpt["config"] and config[k] != ckpt["config"][k])
+    if fixed:
+        fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r}); "
+             f"start a new run in another --out_dir instead")
+    # flags newer than the checkpoint keep their defaults
+    return ckpt, {**config, **ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
+
+
+def prepare_out_dir(config, step):
+    """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""
+    out_dir = config["out_dir"]
+    try:
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        truncate_log(os.path.join(out_dir, "log.jsonl"), step)
+    except OSError as e:
+        fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
+    return os.path.join(out_dir, "log.jsonl")
+
+
+def check_positive(config, names):
+    for name in names:
+        if not config[name] > 0:
+            fail(f"--{name} {config[name]} must be positive")
+
+
+def all_finite(tensors, ddp):
+    """True when every tensor is finite on every process: the ranks must agree, or one exits while the others wait."""
+    finite = torch.stack([t.detach().isfinite().all() for t in tensors]).all().float()
+    if ddp:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def write_log_row(log_path, row, max_iters):
+    """Append one row to log.jsonl and print it, with the time left at the current speed."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    values = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "ms_per_step", "images_per_s"))
+    left = format_time(row["ms_per_step"] * (max_iters - row["step"]) / 1000)
+    print(f"step {row['step']}/{max_iters} | {values} | {row['ms_per_step']:.1f} ms/step, "
+          f"{row['images_per_s']:.0f} img/s, {left} left", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a DCGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
+    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
+    p.add_argument("--out_dir", default="out/dcgan", help="checkpoint, samples, logs and curves go here")
+    p.add_argument("--img_size", type=int, default=32, help="32 (4 layers, MNIST homework) or 64 (5 layers, CIS 680); any size for --arch mlp")
+    p.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="convolutional DCGAN or the fully connected baseline")
+    p.add_argument("--nz", type=int, default=100, help="latent size")
+    p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (CIS 680: 128)")
+    p.add_argument("--ndf", type=int, default=32, help="discriminator width of its first layer")
+    p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
+                   help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
+    p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan"],
+                   help="GAN loss: non-saturating (the log-D trick), minimax (Goodfellow et al. 2014 eq. 1), least squares (Mao et al. 2017)")
+    p.add_argument("--batch_size", type=int, default=128, help="images per D step, over all processes")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
+    p.add_argument("--d_steps", type=int, default=1, help="D updates per iteration")
+    p.add_argument("--g_steps", type=int, default=1, help="G updates per iteration")
+    p.add_argument("--augment", default="translation,cutout",
+                   help="differentiable augmentation of D's inputs, real and fake (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
+    p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
+    p.add_argument("--max_iters", type=int, default=2000, help="training iterations (each: d_steps D then g_steps G updates)")
+    p.add_argument("--log_interval", type=int, default=50, help="iterations between log.jsonl lines")
+    p.add_argument("--sample_interval", type=int, default=250, help="iterations between sample grids (and curves.png)")
+    p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto: bfloat16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: --out_dir/ckpt.pt) exactly where it stopped")
+    return p.parse_args(argv)
+
+
+# Flags a resumed run may change; everything else comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
+                       "out_dir", "resume")
+
+
+def main(argv=None):
+    config = vars(get_args(argv))
+    device, rank, world = setup_distributed(config["device"])
+    ddp, master = world > 1, rank == 0
     ckpt = None
-    if args.resume:
-        ckpt_path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except (FileNotFoundError, ValueError) as e:
-            fail(f"--resume: {e}")
-        if ckpt.get("script") != SCRIPT:
-            fail(f"--resume: {ckpt_path} is a {ckpt.get('script')!r} checkpoint, not {SCRIPT}")
-        given = {k for k in RESUMABLE_OVERRIDES if config[k] != parser.get_default(k)}
-        config = {**ckpt["config"], **{k: config[k] for k in given}}
-
+    if config["resume"]:
+        ckpt, config = resume_config(config, argv)
+    check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "nz", "ngf", "ndf",
+                            "d_steps", "g_steps", "lr"])
     if config["arch"] == "conv" and config["img_size"] not in (32, 64):
         fail(f"--img_size {config['img_size']} is not supported by the conv DCGAN: use 32 or 64 (or --arch mlp)")
-    dtype = config["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if not 0 <= config["ema_decay"] < 1:
+        fail(f"--ema_decay {config['ema_decay']} must be in [0, 1)")
+    try:
+        policy = augment_policy(config["augment"])
+        train_images, _ = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if config["batch_size"] % world:
+        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
+    config["channels"] = train_images.shape[1]
+    dtype = resolve_dtype(config["dtype"], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-
-    try:
-        train_images, _ = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    config["channels"] = train_images.shape[1]
-    if config["batch_size"] % world:
-        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
-    local_batch = config["batch_size"] // world
+    # conv layers run faster on N x H x W x C tensors (oneDNN on CPU, tensor cores on CUDA)
+    memory_format = torch.channels_last if config["arch"] == "conv" else torch.contiguous_format
     data = train_images.to(device)  # uint8 on the device; batches are drawn by index
+    local_batch = config["batch_size"] // world
 
     torch.manual_seed(config["seed"] + rank)
     models = build_models(config)
-    G, D = models["G"].to(device), models["D"].to(device)
-    betas = (config["beta1"], config["beta2"])
-    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=betas)
-    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=betas)
+    G = models["G"].to(device, memory_format=memory_format)
+    D = models["D"].to(device, memory_format=memory_format)
+    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
     data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
     fixed_noise = torch.randn(36, config["nz"], generator=torch.Generator().manual_seed(config["seed"])).to(device)
-    step = 0
+    # running sums over the current log window: checkpointed, so a resumed log equals an uninterrupted one
+    window = {k: torch.zeros((), device=device) for k in ("loss_D", "loss_G", "D_x", "D_G_z1", "D_G_z2")}
+    window_steps, step = 0, 0
     if ckpt is not None:
         G.load_state_dict(ckpt["models"]["G"])
         D.load_state_dict(ckpt["models"]["D"])
@@ -413,114 +592,130 @@ def main(argv=None):
         opt_D.load_state_dict(ckpt["optimizers"]["D"])
         for group in opt_G.param_groups + opt_D.param_groups:
             group["lr"] = config["lr"]
-        step = ckpt["step"]
-        fixed_noise = ckpt["fixed_noise"].to(device)
+        step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
+        if "log_window" in ckpt:
+            window = {k: v.to(device) for k, v in ckpt["log_window"]["sums"].items()}
+            window_steps = ckpt["log_window"]["steps"]
         if world == 1:  # the saved streams are rank 0's; other ranks keep their own seeds
             torch.set_rng_state(ckpt["rng"]["torch"])
             data_gen.set_state(ckpt["rng"]["data"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 
-    G_train, D_train = G, D
-    if config["compile"]:
-        G_train, D_train = torch.compile(G), torch.compile(D)
+    ema_G = None
+    if config["ema_decay"] > 0:
+        ema_G = copy.deepcopy(G).eval().requires_grad_(False)
+        if ckpt is not None and "ema" in ckpt:
+            ema_G.load_state_dict(ckpt["ema"]["G"])
+
+    G_train, D_train = (torch.compile(G), torch.compile(D)) if config["compile"] else (G, D)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         G_train, D_train = DDP(G_train), DDP(D_train)
-
     out_dir = config["out_dir"]
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if master:
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        if ckpt is not None:
-            truncate_log(log_path, step)
-        elif os.path.exists(log_path):
-            os.remove(log_path)
+    log_path = prepare_out_dir(config, step) if master else None
 
     def draw_real_batch():
         idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
-        return to_unit_range(data[idx])
+        return to_unit_range(data[idx]).contiguous(memory_format=memory_format)
+
+    def sample_generator():
+        """The generator the grids and the checkpoint's evaluation use: the EMA one, with its own batch-norm statistics."""
+        if ema_G is None:
+            return G
+        latents = torch.randn(50, local_batch, config["nz"], generator=torch.Generator().manual_seed(config["seed"]))
+        recompute_batchnorm_stats(ema_G, [(z,) for z in latents.to(device)])
+        return ema_G
+
+    def save_samples(generator):
+        was_training = generator.training
+        generator.eval()
+        with torch.no_grad():
+            grid = generator(fixed_noise).float()
+        generator.train(was_training)
+        save_image(grid.add(1).div(2), os.path.join(out_dir, "samples", f"step_{step:06d}.png"), nrow=6, padding=2)
 
     def checkpoint():
         return {
             "script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step,
             "models": {"G": G.state_dict(), "D": D.state_dict()},
+            **({"ema": {"G": ema_G.state_dict()}} if ema_G is not None else {}),
             "optimizers": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "fixed_noise": fixed_noise.cpu(),
+            "log_window": {"sums": {k: v.cpu() for k, v in window.items()}, "steps": window_steps},
         }
 
-    def save_samples():
-        G.eval()
-        with torch.no_grad(), autocast:
-            grid = G(fixed_noise).float()
-        G.train()
-        save_image(grid.add(1).div(2), os.path.join(out_dir, "samples", f"step_{step:06d}.png"), nrow=6, padding=2)
-
-    loss_kind = config["loss"]
-    stats = torch.zeros(5, device=device)  # running sums over the log interval: loss_D, loss_G, D(x), D(G(z)) in D step, in G step
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    t0, iters_since_log = time.perf_counter(), 0
-    curve_keys = [("loss_D", "loss_G"), ("D_x", "D_G_z1", "D_G_z2")]
+    loss_kind, nz = config["loss"], config["nz"]
+    t0 = time.perf_counter()
     while step < config["max_iters"]:
-        # (1) update D: maximise log D(x) + log(1 - D(G(z))) (or the LSGAN form)
-        for _ in range(config["d_steps"]):
+        # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (or the least-squares form)
+        for d_step in range(config["d_steps"]):
             real = draw_real_batch()
-            z = torch.randn(local_batch, config["nz"], device=device)
+            z = torch.randn(local_batch, nz, device=device)
+            reuse = d_step == config["d_steps"] - 1  # the last fakes keep their graph for G's first update
+            with autocast, torch.set_grad_enabled(reuse):
+                fake = G_train(z)
             with autocast:
-                with torch.no_grad():
-                    fake = G_train(z)
-                real_logits, fake_logits = D_train(real).float(), D_train(fake).float()
+                real_logits = D_train(diff_augment(real, policy)).float()
+                fake_logits = D_train(diff_augment(fake.detach(), policy)).float()
                 loss_D = discriminator_loss(loss_kind, real_logits, fake_logits)
             opt_D.zero_grad(set_to_none=True)
             loss_D.backward()
             opt_D.step()
-        # (2) update G: fool the updated D
-        for _ in range(config["g_steps"]):
-            z = torch.randn(local_batch, config["nz"], device=device)
+
+        # (2) Update G: make the updated D call its fakes real
+        for g_step in range(config["g_steps"]):
+            if g_step > 0:
+                with autocast:
+                    fake = G_train(torch.randn(local_batch, nz, device=device))
             with autocast:
-                fake_logits_G = D_train(G_train(z)).float()
+                fake_logits_G = D_train(diff_augment(fake, policy)).float()
                 loss_G = generator_loss(loss_kind, fake_logits_G)
             opt_G.zero_grad(set_to_none=True)
             loss_G.backward()
             opt_G.step()
+        if ema_G is not None:
+            update_ema(ema_G, G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
         step += 1
-        iters_since_log += 1
+
         with torch.no_grad():
-            stats += torch.stack([loss_D.detach(), loss_G.detach(),
-                                  discriminator_output(loss_kind, real_logits).mean(),
-                                  discriminator_output(loss_kind, fake_logits).mean(),
-                                  discriminator_output(loss_kind, fake_logits_G).mean()])
-            nonfinite |= ~torch.isfinite(loss_D.detach() + loss_G.detach())
+            window["loss_D"] += loss_D.detach()
+            window["loss_G"] += loss_G.detach()
+            window["D_x"] += discriminator_output(loss_kind, real_logits).mean()
+            window["D_G_z1"] += discriminator_output(loss_kind, fake_logits).mean()  # on fakes, in D's update
+            window["D_G_z2"] += discriminator_output(loss_kind, fake_logits_G).mean()  # after D's update
+        window_steps += 1
 
         is_last = step == config["max_iters"]
-        if step % config["log_interval"] == 0 or is_last or step % config["ckpt_interval"] == 0:
-            if nonfinite.item():  # stop before a NaN can reach a checkpoint; the last good one stays
-                fail(f"non-finite loss by step {step} (loss_D={loss_D.item():.4g}, loss_G={loss_G.item():.4g}); "
-                     f"the last good checkpoint in {out_dir} is kept; try a lower --lr")
-        if master and (step % config["log_interval"] == 0 or is_last):
-            means = (stats / iters_since_log).tolist()
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss_D": means[0], "loss_G": means[1], "D_x": means[2], "D_G_z1": means[3], "D_G_z2": means[4],
-                   "ms_per_step": 1000 * dt / iters_since_log,
-                   "images_per_s": iters_since_log * config["batch_size"] * config["d_steps"] / dt}
-            if device.type == "cuda":
-                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"step {step:6d} | loss_D {means[0]:.4f} loss_G {means[1]:.4f} | D(x) {means[2]:.3f} "
-                  f"D(G(z)) {means[3]:.3f} / {means[4]:.3f} | {row['ms_per_step']:.1f} ms/step {row['images_per_s']:.0f} img/s")
-        if step % config["log_interval"] == 0 or is_last:
-            stats.zero_()
-            t0, iters_since_log = time.perf_counter(), 0
-        if master and (step % config["sample_interval"] == 0 or is_last):
-            save_samples()
-            plot_curves(log_path, os.path.join(out_dir, "curves.png"), curve_keys)
-        if master and (step % config["ckpt_interval"] == 0 or is_last):
-            save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
+        is_log = step % config["log_interval"] == 0 or is_last
+        is_sample = master and (step % config["sample_interval"] == 0 or is_last)
+        is_ckpt = step % config["ckpt_interval"] == 0 or is_last
+        if (is_log or is_ckpt) and not all_finite([*window.values(), *G.parameters(), *D.parameters()], ddp):
+            fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {out_dir} is kept; try a lower --lr")
+        if is_log:
+            if master:
+                seconds = time.perf_counter() - t0
+                row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
+                       "ms_per_step": 1000 * seconds / window_steps,
+                       "images_per_s": window_steps * config["batch_size"] * config["d_steps"] / seconds}
+                if device.type == "cuda":
+                    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                write_log_row(log_path, row, config["max_iters"])
+            for v in window.values():
+                v.zero_()
+            window_steps, t0 = 0, time.perf_counter()
+        if master and (is_sample or is_ckpt):
+            generator = sample_generator()
+            if is_sample:
+                save_samples(generator)
+                plot_curves(log_path, os.path.join(out_dir, "curves.png"), [("loss_D", "loss_G"), ("D_x", "D_G_z1", "D_G_z2")])
+            if is_ckpt:
+                try:
+                    save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
+                except OSError as e:
+                    fail(e)
     if ddp:
         del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()

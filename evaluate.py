@@ -1,14 +1,15 @@
 """Evaluate a checkpoint, or any two sets of images, with the standard metrics.
 
-    python evaluate.py --ckpt out/dcgan/ckpt.pt                # FID, KID, IS, digit classes
-    python evaluate.py --ckpt out/vae/ckpt.pt --json vae.json  # + reconstruction MSE, bits/dim
-    python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, LPIPS (+ bilinear), FID
+    python evaluate.py --ckpt out/dcgan/ckpt.pt                # FID, KID, IS, classes of the samples
+    python evaluate.py --ckpt out/vae/ckpt.pt --json vae.json  # the same + reconstruction MSE, bits/dim
+    python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, LPIPS, FID (+ bilinear baseline)
     python evaluate.py --real DIR_OR_NPY --fake DIR_OR_NPY     # like python -m pytorch_fid A B
 
 What is measured depends on what the checkpoint's script defines (README: "The model interface"):
 `generate` -> FID, KID, Inception Score and, on labelled data, the class
 histogram of the samples; `encode` + `log_importance_weights` -> reconstruction
-MSE and bits per dimension; `upscale` + `degrade` -> MSE, PSNR, LPIPS and FID.
+MSE and bits per dimension; `upscale` + `degrade` -> MSE, PSNR, LPIPS and FID, each also
+of the bilinear-upsampled input, the baseline a super-resolution network has to beat.
 FID, KID and IS use pytorch-fid's TensorFlow-ported Inception and its
 preprocessing, so FID matches `python -m pytorch_fid` on the same PNGs. Every
 model output is rounded to uint8 exactly as saving it as a PNG would round it.
@@ -49,11 +50,12 @@ FEW_SAMPLES = 2048  # fewer images than feature dimensions: singular covariance,
 BPD_SAMPLES_PER_CALL = 2048  # images x importance samples in one log_importance_weights call
 CLASSIFIER_VERSION = 1  # part of the classifier's cache key: bump when its recipe changes
 METRICS = {
-    "generator": ["fid", "kid", "is", "digits"],
+    "generator": ["fid", "kid", "is", "classes"],
     "vae": ["mse", "bpd"],
     "sr": ["mse", "psnr", "lpips", "fid"],
     "images": ["fid", "kid", "is"],
 }
+METRIC_ALIASES = {"digits": "classes"}  # the name of `classes` before it served any labelled dataset
 
 
 # -----------------------------------------------------------------------------
@@ -323,10 +325,10 @@ def real_features(images, name, inception, args):
 
 
 # -----------------------------------------------------------------------------
-# Digit classifier: how generated samples spread over the classes (mode collapse)
+# Label classifier: how generated samples spread over the classes of a labelled dataset (mode collapse)
 
 
-def digit_classifier(n_classes):
+def label_classifier(n_classes):
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -348,14 +350,14 @@ def classify(model, images, batch_size=500):
                       for i in range(0, len(images), batch_size)])
 
 
-def train_digit_classifier(images, labels, n_classes, device, epochs=8, max_steps=2000, batch_size=64, seed=0):
+def train_label_classifier(images, labels, n_classes, device, epochs=8, max_steps=2000, batch_size=64, seed=0):
     torch.manual_seed(seed)
-    model = digit_classifier(n_classes).to(device)
+    model = label_classifier(n_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     steps = min(max_steps, epochs * math.ceil(len(images) / batch_size))
     order = torch.cat([torch.randperm(len(images), generator=g) for _ in range(math.ceil(steps * batch_size / len(images)))])
-    for step in tqdm(range(steps), desc="digit classifier", disable=None, leave=False, file=sys.stderr):
+    for step in tqdm(range(steps), desc="label classifier", disable=None, leave=False, file=sys.stderr):
         idx = order[step * batch_size:(step + 1) * batch_size]
         x, y = classifier_input(images[idx].to(device)), labels[idx].to(device)
         loss = F.cross_entropy(model(x), y)
@@ -374,14 +376,14 @@ def class_ids(labels):
     return int(labels.max()) + 1
 
 
-def load_digit_classifier(train, test, device, cache_dir=None):
+def load_label_classifier(train, test, device, cache_dir=None):
     """A small CNN trained on (images, labels) `train`, cached by content: (model, test accuracy)."""
     n_classes = max(class_ids(train[1]), class_ids(test[1]))
     key = content_key(*train, *test, torch.tensor([CLASSIFIER_VERSION]))
-    path = Path(cache_dir) / f"digit_classifier_{key}.pt" if cache_dir else None
+    path = Path(cache_dir) / f"label_classifier_{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = digit_classifier(saved["n_classes"])
+        model = label_classifier(saved["n_classes"])
         model.load_state_dict(saved["model"])
         return model.eval().to(device), saved["test_accuracy"]
     threads = torch.get_num_threads()
@@ -390,7 +392,7 @@ def load_digit_classifier(train, test, device, cache_dir=None):
         # synchronisation made training 20x slower (7 s with one thread, 165 s with two)
         torch.set_num_threads(1)
     try:
-        model = train_digit_classifier(*train, n_classes, device)
+        model = train_label_classifier(*train, n_classes, device)
     finally:
         torch.set_num_threads(threads)
     accuracy = (classify(model, test[0]) == test[1]).double().mean().item()
@@ -406,7 +408,7 @@ def class_metrics(predicted, requested, real_labels, n_classes, accuracy):
     counts = torch.bincount(predicted, minlength=n_classes)
     real = torch.bincount(real_labels, minlength=n_classes).double() / len(real_labels)
     tv = 0.5 * (counts.double() / counts.sum() - real).abs().sum().item()
-    rows = [("classifier_accuracy", accuracy, "the digit classifier on the real test images"),
+    rows = [("classifier_accuracy", accuracy, "the label classifier on the real test images"),
             ("class_histogram", counts.tolist(), f"samples per predicted class 0..{n_classes - 1}"),
             ("class_tv", tv, "total variation to the real class mix (0 = same, 1 = disjoint)")]
     if requested is not None:
@@ -473,6 +475,20 @@ def import_script(name):
         raise ValueError(f"the checkpoint was written by {name}.py, which is not in {REPO_DIR} or on PYTHONPATH") from None
 
 
+def load_models(module, ckpt, path, device):
+    """module.load_models, with what a checkpoint of the wrong kind raises (a state dict that does not fit,
+    a config without the script's entries) turned into one line."""
+    try:
+        return module.load_models(ckpt, device)
+    except (OSError, ValueError):  # the scripts' own messages
+        raise
+    except Exception as e:  # load_state_dict's RuntimeError, a missing config key, ...
+        detail = " ".join(str(e).split())  # load_state_dict lists the keys over several lines
+        detail = detail if len(detail) <= 200 else detail[:200] + " ..."
+        raise ValueError(f"{path} does not load into {ckpt['script']}.py's models "
+                         f"({type(e).__name__}: {detail})") from None
+
+
 def model_kinds(module):
     """What a script can be asked, by the functions it defines (README: "The model interface")."""
     kinds = []
@@ -491,7 +507,8 @@ def choose_metrics(requested, kinds, what):
         raise ValueError(f"{what} defines none of generate, encode, upscale: nothing to evaluate")
     if requested is None:
         return applicable
-    chosen = [m.strip() for m in requested.split(",") if m.strip()]
+    chosen = [METRIC_ALIASES.get(m.strip(), m.strip()) for m in requested.split(",") if m.strip()]
+    chosen = list(dict.fromkeys(chosen))
     wrong = [m for m in chosen if m not in applicable]
     if wrong or not chosen:
         raise ValueError(f"--metrics {','.join(wrong)}: not for {what} (choose from {','.join(applicable)})")
@@ -535,8 +552,9 @@ def generated_pass(batches, n, inception, classifier):
 
 
 @torch.inference_mode()
-def reconstruction_mse(module, models, images, batch_size, device):
-    """Mean squared error in [0, 1] units between test images and generate(encode(x).mu)."""
+def posterior_mean_reconstruction_mse(module, models, images, batch_size, device):
+    """Mean squared error in [0, 1] units between images x and generate(mu), mu the posterior mean of encode(x),
+    the reconstruction rounded to uint8 as a saved PNG would be."""
     total = 0.0
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float() / 255
@@ -585,13 +603,28 @@ def bits_per_dim(module, models, images, k, batch_size, device, seed=0):
 
 
 def load_lpips(net, device):
-    import lpips  # only super-resolution needs it
-
+    try:
+        import lpips  # only super-resolution needs it
+    except ImportError:
+        raise ImportError("LPIPS needs the lpips package: pip install lpips") from None
     find_weights(LPIPS_BACKBONES[net])
     with warnings.catch_warnings():  # lpips asks torchvision with a deprecated argument
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, verbose=False)
     return model.eval().to(device)
+
+
+def lpips_if_available(metrics, args):
+    """(LPIPS model, None), or (None, why not) when it cannot be loaded and --metrics did not name it:
+    the other metrics are then reported and LPIPS shows as unavailable, as IS without its classifier."""
+    if "lpips" not in metrics:
+        return None, None
+    try:
+        return load_lpips(args.lpips_net, args.device), None
+    except (FileNotFoundError, ImportError) as e:
+        if args.metrics is not None:  # asked for by name: fail
+            raise
+        return None, f"unavailable: {e}"
 
 
 @torch.inference_mode()
@@ -604,9 +637,10 @@ def lpips_distances(model, x, y):
 
 @torch.inference_mode()
 def super_resolution_pass(module, models, config, images, batch_size, device, lpips_model, inception):
-    """Per-image MSE, PSNR (and LPIPS) of upscale(degrade(x)) and of degrade(x), plus Inception features."""
+    """Per-image MSE, PSNR (and LPIPS) of upscale(degrade(x)) and of degrade(x), averaged, and the Inception
+    features of both (keys "" and "_bilinear")."""
     per_image = {}
-    features = []
+    features = {}
     with progress(len(images), "super-resolution") as bar:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device).float() / 255
@@ -621,11 +655,11 @@ def super_resolution_pass(module, models, config, images, batch_size, device, lp
                 per_image.setdefault("psnr" + suffix, []).append((-10 * torch.log10(mse.clamp_min(1e-10))).cpu())
                 if lpips_model is not None:
                     per_image.setdefault("lpips" + suffix, []).append(lpips_distances(lpips_model, y, x).cpu())
-            if inception is not None:
-                features.append(inception(outputs[""])[0].cpu())
+                if inception is not None:
+                    features.setdefault(suffix, []).append(inception(outputs[suffix])[0].cpu())
             bar.update(len(x))
     means = {k: torch.cat(v).double().mean().item() for k, v in per_image.items()}
-    return means, torch.cat(features).numpy() if features else None
+    return means, {k: torch.cat(v).numpy() for k, v in features.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -683,7 +717,7 @@ def evaluate_images(args):
     return source, rows
 
 
-def digits_setup(module, config, device, cache_dir):
+def classes_setup(module, config, device, cache_dir):
     """(classifier, its test accuracy, the test labels) when the dataset has class labels, else None."""
     test = module.real_images(config, "test")
     if class_ids(test[1]) is None:
@@ -691,50 +725,66 @@ def digits_setup(module, config, device, cache_dir):
     train = module.real_images(config, "train")
     if class_ids(train[1]) is None:
         return None
-    classifier, accuracy = load_digit_classifier(train, test, device, cache_dir)
+    classifier, accuracy = load_label_classifier(train, test, device, cache_dir)
     return classifier, accuracy, test[1]
 
 
 def generator_rows(module, models, config, metrics, real_feats, inception, args):
-    digits, rows = None, []
-    if "digits" in metrics:
-        digits = digits_setup(module, config, args.device, None if args.no_cache else args.cache_dir)
-        if digits is None:
+    classes, rows = None, []
+    if "classes" in metrics:
+        classes = classes_setup(module, config, args.device, None if args.no_cache else args.cache_dir)
+        if classes is None:
             rows.append(("classifier_accuracy", None, "not applicable: the dataset has no class labels"))
     batches = generated_batches(module, models, config, args.n, args.batch_size, args.device, args.seed)
-    out = generated_pass(batches, args.n, inception, digits[0] if digits else None)
+    out = generated_pass(batches, args.n, inception, classes[0] if classes else None)
     if inception is not None:
         rows += distribution_rows(metrics, real_feats, out["features"].numpy(), out["logits"], inception, args.seed)
-    if digits is not None:
-        classifier, accuracy, test_labels = digits
+    if classes is not None:
+        classifier, accuracy, test_labels = classes
         rows += class_metrics(out["predicted"], out["requested"], test_labels, classifier[-1].out_features, accuracy)
     return rows
+
+
+def seed_posterior_draws(seed):
+    """The model scripts draw z ~ q(z|x) from torch's global generator: seed it before each metric, so that
+    the value depends on --seed alone, not on what ran before. seed + 1 keeps these draws apart from the
+    dequantisation noise, whose generator gets `seed` (two generators given one seed repeat each other)."""
+    torch.manual_seed(seed + 1)
 
 
 def vae_rows(module, models, metrics, images, args):
     rows = []
     if "mse" in metrics:
-        mse = reconstruction_mse(module, models, images, args.batch_size, args.device)
+        seed_posterior_draws(args.seed)
+        mse = posterior_mean_reconstruction_mse(module, models, images, args.batch_size, args.device)
         rows.append(("mse", mse, f"reconstruction of {len(images):,} {args.split} images, [0, 1] units"))
     if "bpd" in metrics:
+        seed_posterior_draws(args.seed)
         x = subset(images, args.bpd_n, args.seed)
         bpd = bits_per_dim(module, models, x, args.bpd_k, args.batch_size, args.device, args.seed)
         rows.append(("bpd", bpd, f"importance sampling, k={args.bpd_k}, {len(x):,} {args.split} images"))
     return rows
 
 
-def sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model, args):
+def sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model, lpips_unavailable, args):
     means, features = super_resolution_pass(module, models, config, images, args.batch_size, args.device,
                                             lpips_model, inception)
+    baseline = "the bilinear-upsampled input (baseline)"
     rows = []
     for name in ("mse", "psnr", "lpips"):
-        if name in metrics:
+        if name == "lpips" and lpips_unavailable:
+            rows.append((name, None, lpips_unavailable))
+        elif name in metrics:
             what = {"mse": "[0, 1] units", "psnr": "dB, per image then averaged", "lpips": f"net={args.lpips_net}"}[name]
             rows.append((name, means[name], f"{what}, {len(images):,} {args.split} images"))
-            rows.append((name + "_bilinear", means[name + "_bilinear"], "the bilinear-upsampled input (baseline)"))
-    if "fid" in metrics:
-        fid = frechet_distance(*feature_statistics(real_feats), *feature_statistics(features))
-        rows.append(("fid", fid, f"{len(features):,} outputs vs the {args.split} images"))
+            rows.append((name + "_bilinear", means[name + "_bilinear"], baseline))
+    if "fid" in metrics and len(images) < 2:
+        rows.append(("fid", None, "unavailable: needs at least 2 images"))
+    elif "fid" in metrics:
+        real_stats = feature_statistics(real_feats)
+        rows.append(("fid", frechet_distance(*real_stats, *feature_statistics(features[""])),
+                     f"{len(images):,} outputs vs the {args.split} images"))
+        rows.append(("fid_bilinear", frechet_distance(*real_stats, *feature_statistics(features["_bilinear"])), baseline))
     return rows
 
 
@@ -746,10 +796,10 @@ def evaluate_checkpoint(args):
     module = import_script(ckpt["script"])
     kinds = model_kinds(module)
     metrics = choose_metrics(args.metrics, kinds, f"{ckpt['script']}.py")
-    models = module.load_models(ckpt, args.device)
+    models = load_models(module, ckpt, args.ckpt, args.device)
     images = subset(module.real_images(config, args.split)[0], args.n_real, args.seed)
     name = f"{config.get('dataset', 'data')}_{args.split}"
-    lpips_model = load_lpips(args.lpips_net, args.device) if "lpips" in metrics else None
+    lpips_model, lpips_unavailable = lpips_if_available(metrics, args)
     uses_inception = any(m in metrics for m in ("fid", "kid", "is"))
     inception = load_inception(args.inception, args.device) if uses_inception else None
     if uses_inception:
@@ -757,7 +807,8 @@ def evaluate_checkpoint(args):
     real_feats = real_features(images, name, inception, args) if uses_inception else None
     rows = []
     if "sr" in kinds:
-        rows += sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model, args)
+        rows += sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model,
+                        lpips_unavailable, args)
     elif "generator" in kinds:
         rows += generator_rows(module, models, config, metrics, real_feats, inception, args)
     if "vae" in kinds:
@@ -787,8 +838,11 @@ def print_table(rows):
 
 def write_json(path, source, rows):
     report = {"source": source, "metrics": {name: v for name, v, _ in rows}, "notes": {name: n for name, _, n in rows}}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise OSError(f"--json {path}: cannot write it ({e})") from None
 
 
 def resolve_device(name):
@@ -807,13 +861,20 @@ def resolve_device(name):
     return torch.device("cpu")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line instead of the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt) to evaluate")
     p.add_argument("--real", help="reference images: a folder of images or a uint8 .npy (N x H x W x C)")
     p.add_argument("--fake", help="images to evaluate against --real: a folder or an .npy")
-    p.add_argument("--metrics", help="comma-separated subset of fid,kid,is,digits,mse,psnr,lpips,bpd "
-                                     "(default: all that apply to the model)")
+    p.add_argument("--metrics", help="comma-separated subset of fid,kid,is,classes,mse,psnr,lpips,bpd "
+                                     "(default: all that apply to the model; digits = classes)")
     p.add_argument("--n", type=int, default=10000, help="number of samples to generate")
     p.add_argument("--split", default="test", choices=["test", "train"], help="the real images compared with")
     p.add_argument("--n_real", type=int, default=None, help="use a random subset of this many real images (default all)")
@@ -825,10 +886,12 @@ def get_args(argv=None):
     p.add_argument("--bpd_n", type=int, default=None, help="bits/dim on a random subset of this many images (default all)")
     p.add_argument("--batch_size", type=int, default=None, help="images per forward pass (default 250 on GPU, 50 on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples, the dequantisation noise and KID subsets")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the samples, the real-image subsets, KID subsets, and the VAE's dequantisation "
+                        "noise and posterior draws")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "genlab"),
-                   help="where real-image features and the digit classifier are cached")
+                   help="where real-image features and the label classifier are cached")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the cache")
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.real is None and args.fake is None):
@@ -852,12 +915,12 @@ def main(argv=None):
         if args.batch_size is None:
             args.batch_size = 250 if args.device.type == "cuda" else 50
         source, rows = evaluate_checkpoint(args) if args.ckpt else evaluate_images(args)
-    except (OSError, ValueError) as e:
+        print_table(rows)
+        if args.json:
+            write_json(args.json, source, rows)
+    except (OSError, ValueError, ImportError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    print_table(rows)
-    if args.json:
-        write_json(args.json, source, rows)
 
 
 if __name__ == "__main__":

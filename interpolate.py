@@ -8,14 +8,15 @@
 
 Modes (default --mode all: every one that applies to the checkpoint):
   pairs     one row per random pair (z0, z1), columns z(t) for t = i / (steps - 1), i = -E .. steps - 1 + E
-            (seed 001 Q5: --extrapolate E adds E steps of the same size beyond both ends; seed 003 §5c)
+            (the MNIST homework's Q5; --extrapolate E adds E steps of the same size beyond both ends, as in
+            the 2018 image-generation assignment §5c)
   traverse  one row per latent dimension in --dims, which takes --steps values over [-range, range]
-            while all other dimensions keep the values of one random z (seed 003 §5b)
+            while all other dimensions keep the values of one random z (the 2018 image-generation assignment §5b)
   pixel     VAEs: for pairs of test images x0, x1 with posterior means z0, z1, decode(z(t)) above
-            (1 - t) x0 + t x1 (seed 003 §5c)
-  classes   conditional models: one column per noise vector, one row per class (seed 002 P3)
+            (1 - t) x0 + t x1 (the 2018 image-generation assignment §5c)
+  classes   conditional models: one column per noise vector, one row per class (DLCV (2018) HW4, problem 3)
   codes     InfoGAN: per categorical code, its categories across the columns; per continuous code,
-            --steps values over [-code_range, code_range]; one noise (and other codes) per row (seed 002 bonus)
+            --steps values over [-code_range, code_range]; one noise (and other codes) per row (DLCV (2018) HW4, bonus)
 
 Every grid is a PNG in --out_dir (default: the checkpoint's folder + /interpolations) with the column values
 on top and the row names on the left; the paths are printed.
@@ -30,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
-from evaluate import import_script, load_checkpoint, resolve_device
+from evaluate import OneLineParser, import_script, load_checkpoint, load_models, resolve_device
 
 MODES = ("pairs", "traverse", "pixel", "classes", "codes")
 PAD = 2  # pixels of white between grid cells
@@ -65,7 +66,7 @@ def slerp(z0, z1, t, eps=1e-6):
 
 def interpolation_coefficients(steps, extrapolate=0):
     """t_i = i / (steps - 1) for i = -extrapolate .. steps - 1 + extrapolate: steps points from 0 to 1
-    (seed 001's z1 + i/K (z2 - z1) with K = steps - 1), plus `extrapolate` points of the same spacing beyond each end."""
+    (the MNIST homework's z1 + i/K (z2 - z1) with K = steps - 1), plus `extrapolate` points of the same spacing beyond each end."""
     if steps < 2:
         raise ValueError(f"--steps {steps}: need at least 2 points to interpolate")
     return [i / (steps - 1) for i in range(-extrapolate, steps + extrapolate)]
@@ -287,7 +288,7 @@ def save_grid(grid, out_dir):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="interpolate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint of a model script (ckpt.pt)")
     p.add_argument("--mode", default="all", help=f"comma-separated subset of {','.join(MODES)}, or all (those that apply)")
     p.add_argument("--pairs", type=int, default=5, help="pairs: rows (random latent pairs); pixel: pairs of test images")
@@ -334,23 +335,30 @@ def make_grids(module, models, config, args):
     return grids
 
 
+def make_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out_dir {path}: cannot create it ({e})") from None
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
         args.device = resolve_device(args.device)
         ckpt = load_checkpoint(args.ckpt)
         module = import_script(ckpt["script"])
-        models = module.load_models(ckpt, args.device)
+        models = load_models(module, ckpt, args.ckpt, args.device)
         config = {**ckpt["config"], "script": ckpt["script"]}
         with torch.no_grad():
             grids = make_grids(module, models, config, args)
+        out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "interpolations")
+        make_out_dir(out_dir)
+        for grid in grids:
+            print(save_grid(grid, out_dir))
     except (OSError, ValueError) as e:
         print(f"interpolate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "interpolations")
-    os.makedirs(out_dir, exist_ok=True)
-    for grid in grids:
-        print(save_grid(grid, out_dir))
 
 
 if __name__ == "__main__":

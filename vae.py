@@ -1,4 +1,4 @@
-"""VAE: variational autoencoders in one file, with importance weighting and flow posteriors.
+"""VAE: variational autoencoders in one file, with importance weighting, flow posteriors and an 8-bit likelihood.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014; Rezende, Mohamed,
 Wierstra, "Stochastic Backpropagation and Approximate Inference in Deep Generative
@@ -6,24 +6,29 @@ Models", ICML 2014. Variants: the importance-weighted bound of Burda, Grosse,
 Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016 (--iw_k); planar flows
 of Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015 and
 inverse autoregressive flows of Kingma et al., "Improved Variational Inference with
-Inverse Autoregressive Flow", NeurIPS 2016 (--flow). The networks follow the course
-handouts in the project's seeds: the fully connected 784-400-(20, 20)-400-784 VAE
-(seed 000, Table 1), a convolutional VAE for 64x64 faces (seed 002: four strided
-convolutions, 512-d latent, batch norm, LeakyReLU 0.01) with a depth of 1 to 5
-(seed 004), IWAE with 5 importance samples and a flow posterior (seed 003 §4).
+Inverse Autoregressive Flow", NeurIPS 2016 (--flow); the discretised logistic
+likelihood of 8-bit pixels of Salimans et al., "PixelCNN++", ICLR 2017 (--recon dlogistic).
+The networks follow the course handouts: the fully connected 784-400-(20, 20)-400-784
+VAE (CIS 680 (2019) assignment 4, Table 1), a convolutional VAE for 64x64 faces (DLCV
+(2018) HW4: four strided convolutions, 512-d latent, batch norm, LeakyReLU 0.01) with
+a depth of 1 to 5 (CSI5340 assignment 4), IWAE with 5 importance samples and a flow
+posterior (the 2018 image-generation assignment).
 
     python vae.py                                      # MLP VAE on the embedded MNIST sample, 28x28
+    python vae.py --arch conv                          # conv VAE, 32x32 digits
     python vae.py --iw_k 5 --out_dir out/iwae          # IWAE, 5 importance samples
     python vae.py --flow iaf --flow_length 4           # inverse autoregressive flow posterior
+    python vae.py --recon dlogistic --out_dir out/vae_dlogistic   # a likelihood of 8-bit pixels, for bits/dim
     python vae.py --dataset celeba --img_size 64 --arch conv --depth 4 --latent_dim 512 --recon mse --kl_weight 0.24
     torchrun --nproc_per_node=2 vae.py                 # DistributedDataParallel
 
 The per-image loss: the reconstruction term is summed over pixels (binary cross
-entropy, or squared error in [0, 1] pixel units), the KL term is summed over latent
-dimensions, and --kl_weight multiplies the KL term; the loss is their batch mean. With
---recon bce and --kl_weight 1 this is the negative ELBO of a Bernoulli decoder. Seed
-002 took means instead (MSE over pixels + 1e-2 x KL averaged over latent dims); the
-same balance here is --kl_weight 1e-2 * D / latent_dim (0.24 for 64x64x3 and 512).
+entropy, squared error in [0, 1] pixel units, or -log P of the 8-bit pixel levels),
+the KL term is summed over latent dimensions, and --kl_weight multiplies the KL term;
+the loss is their batch mean. With --recon bce or dlogistic and --kl_weight 1 this is
+the negative ELBO of a Bernoulli or discretised-logistic decoder. DLCV HW4 took means
+instead (MSE over pixels + 1e-2 x KL averaged over latent dims); the same balance here
+is --kl_weight 1e-2 * D / latent_dim (0.24 for 64x64x3 and 512).
 
 Everything the run makes goes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE),
 samples/step_*.png, reconstructions.png, latents.png, log.jsonl, curves.png and
@@ -47,6 +52,7 @@ SCRIPT = "vae"
 CHECKPOINT_FORMAT = 1
 LOG_2PI = math.log(2 * math.pi)
 SIGMA_LR_SCALE = 50.0  # learning rate of the decoder's log-sigma (--recon mse) relative to --lr
+LOG_SCALE_MIN = -7.0  # floor of the discretised logistic's log-scale, as in PixelCNN++
 
 
 # -----------------------------------------------------------------------------
@@ -57,12 +63,13 @@ def load_images(data_dir, dataset, split, img_size):
     """The prepared arrays of a dataset as uint8 N x C x H x W, resized once to img_size."""
     folder = os.path.join(data_dir, dataset)
     path = os.path.join(folder, f"{split}.npy")
+    prepare = os.path.join(data_dir, dataset.split("/")[0], "prepare.py")  # data/folder/<name> is made by data/folder/prepare.py
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: python {folder}/prepare.py")
+        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: python {prepare}")
     try:
         images = np.load(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); remake it with: python {folder}/prepare.py") from None
+        raise ValueError(f"cannot read {path} ({e}); remake it with: python {prepare}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path} should hold uint8 N x H x W x C with C = 1 or 3, not {images.dtype} {images.shape}")
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -86,18 +93,36 @@ def real_images(config, split):
 
 
 def to_unit_interval(images_uint8):
-    """uint8 [0, 255] -> float [0, 1], the range of the decoder's sigmoid (the GAN scripts use [-1, 1])."""
+    """uint8 [0, 255] -> float [0, 1], the range of the decoder's mean (the GAN scripts use [-1, 1])."""
     return images_uint8.float().div(255.0)
+
+
+def pixel_levels(x):
+    """x in [0, 1] -> its 8-bit level 0..255 (as float), floor(256 x): both a training image k / 255 and
+    evaluate.py's dequantised (k + u) / 256, 0 <= u < 1, give back k."""
+    return torch.floor(x * 256).clamp(0, 255)
 
 
 # -----------------------------------------------------------------------------
 # Encoders q0(z|x) = N(mu(x), diag exp(logvar(x))) and decoders p(x|z).
 # An encoder returns (mu, logvar, h): h is its last hidden layer, the context of the IAF.
-# A decoder returns logits; the image is their sigmoid, in [0, 1] for both --recon kinds.
+# A decoder returns the parameters of p(x|z) per pixel: logits for --recon bce and mse (the image is their
+# sigmoid), or the mean and log-scale of a logistic for --recon dlogistic (2 x channels maps).
+
+
+def likelihood_channels(channels, recon):
+    return 2 * channels if recon == "dlogistic" else channels
+
+
+def float32_output(layer, h):
+    """The decoder's output layer in float32, also under bfloat16 autocast: bfloat16 keeps 8 bits of mantissa,
+    as coarse as the 8-bit pixel levels a discretised logistic's mean must tell apart."""
+    with torch.autocast(h.device.type, enabled=False):
+        return layer(h.float())
 
 
 class MLPEncoder(nn.Module):
-    """Seed 000 Table 1, FC 1 and FC 2a/2b: D -> 400 (ReLU) -> mean (20) and log-variance (20).
+    """CIS 680 Table 1, FC 1 and FC 2a/2b: D -> 400 (ReLU) -> mean (20) and log-variance (20).
 
     The table lists a ReLU after 2a/2b too; a mean or log-variance clipped at 0 cannot
     express a posterior, so they stay linear, as in Kingma & Welling (appendix C).
@@ -116,20 +141,22 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """Seed 000 Table 1, FC 3 and FC 4: latent (20) -> 400 (ReLU) -> D (sigmoid, applied by the caller)."""
+    """CIS 680 Table 1, FC 3 and FC 4: latent (20) -> 400 (ReLU) -> D (sigmoid, applied by the caller);
+    2D outputs for --recon dlogistic."""
 
     def __init__(self, latent_dim, hidden, channels, img_size, recon):
         super().__init__()
-        self.shape = (channels, img_size, img_size)
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(True), nn.Linear(hidden, channels * img_size * img_size))
+        self.shape = (likelihood_channels(channels, recon), img_size, img_size)
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(True), nn.Linear(hidden, math.prod(self.shape)))
         add_likelihood(self, recon)
 
     def forward(self, z):
-        return self.net(z).view(-1, *self.shape)
+        return float32_output(self.net[-1], self.net[:-1](z)).view(-1, *self.shape)
 
 
 def upsample_block(in_ch, out_ch, mode, bias=False):
-    """Double the spatial size: a strided transposed conv, or resize then 3x3 conv (seed 003 §3)."""
+    """Double the spatial size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016,
+    "Deconvolution and Checkerboard Artifacts", as in the 2018 image-generation assignment)."""
     if mode == "convtranspose":
         return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=bias)
     align = dict(align_corners=False) if mode == "bilinear" else {}
@@ -137,9 +164,9 @@ def upsample_block(in_ch, out_ch, mode, bias=False):
 
 
 class ConvEncoder(nn.Module):
-    """depth strided 4x4 convolutions (BN, LeakyReLU 0.01), then two dense heads (seed 002, seed 004).
+    """depth strided 4x4 convolutions (BN, LeakyReLU 0.01), then two dense heads (DLCV HW4, CSI5340 assignment 4).
 
-    For img_size 64, depth 4, width 32 (seed 002):
+    For img_size 64, depth 4, width 32 (DLCV HW4):
     C x 64 x 64 -> 32 x 32 x 32 -> 64 x 16 x 16 -> 128 x 8 x 8 -> 256 x 4 x 4 -> (4096) -> mean, log-variance (512)
     """
 
@@ -161,10 +188,10 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """A dense layer, then depth layers that double the size (seed 002), the encoder mirrored.
+    """A dense layer, then depth layers that double the size (DLCV HW4), the encoder mirrored.
 
     For img_size 64, depth 4, width 32:
-    latent (512) -> 256 x 4 x 4 -> 128 x 8 x 8 -> 64 x 16 x 16 -> 32 x 32 x 32 -> C x 64 x 64 (logits)
+    latent (512) -> 256 x 4 x 4 -> 128 x 8 x 8 -> 64 x 16 x 16 -> 32 x 32 x 32 -> C x 64 x 64 (logits; 2C for dlogistic)
     """
 
     def __init__(self, latent_dim, channels, img_size, depth, width, upsample, recon):
@@ -175,20 +202,21 @@ class ConvDecoder(nn.Module):
         for i in reversed(range(1, depth)):
             layers += [upsample_block(width * 2 ** i, width * 2 ** (i - 1), upsample), nn.BatchNorm2d(width * 2 ** (i - 1)), nn.LeakyReLU(0.01, True)]
         # width x (img_size / 2) x (img_size / 2)
-        layers += [upsample_block(width, channels, upsample, bias=True)]
-        # channels x img_size x img_size
+        layers += [upsample_block(width, likelihood_channels(channels, recon), upsample, bias=True)]
+        # channels (2 x channels for dlogistic) x img_size x img_size
         self.net = nn.Sequential(*layers)
         add_likelihood(self, recon)
 
     def forward(self, z):
-        return self.net(self.fc(z).view(-1, *self.start))
+        return float32_output(self.net[-1], self.net[:-1](self.fc(z).view(-1, *self.start)))
 
 
 def add_likelihood(decoder, recon):
-    """What p(x|z) the decoder stands for: Bernoulli logits (bce) or a Gaussian with one learned sigma (mse).
+    """What p(x|z) the decoder stands for: Bernoulli logits (bce), a Gaussian with one learned sigma (mse), or a
+    discretised logistic per pixel whose mean and scale the decoder outputs (dlogistic).
 
-    sigma is trained only by a detached Gaussian NLL (decoder_sigma_loss), so the MSE training of the
-    rest is unchanged and sigma^2 tracks the mean squared error; it is needed for a proper density.
+    The mse decoder's sigma is trained only by a detached Gaussian NLL (decoder_sigma_loss), so the MSE training
+    of the rest is unchanged and sigma^2 tracks the mean squared error; it is needed for a proper density.
     """
     decoder.recon = recon
     if recon == "mse":
@@ -252,7 +280,7 @@ class IAFStep(nn.Module):
         self.mid = MaskedLinear(hidden, hidden, d_hid[:, None] >= d_hid[None, :])
         self.m = MaskedLinear(hidden, latent_dim, d_in[:, None] > d_hid[None, :])
         self.s = MaskedLinear(hidden, latent_dim, d_in[:, None] > d_hid[None, :])
-        nn.init.constant_(self.s.bias, 2.0)  # sigma near 1 at the start: close to the identity (their §4)
+        nn.init.constant_(self.s.bias, 2.0)  # sigma near 1 at the start: close to the identity (their section 4)
 
     def forward(self, z, h):
         a = F.elu(self.inp(z) + self.context(h))
@@ -324,11 +352,51 @@ def gaussian_nll(x, x_hat, log_sigma):
     return (0.5 * ((x - x_hat) * torch.exp(-log_sigma)) ** 2 + log_sigma + 0.5 * LOG_2PI).sum((-3, -2, -1))
 
 
-def reconstruction_loss(kind, x, logits):
-    """The training reconstruction term per image: summed BCE, or summed squared error of sigmoid(logits)."""
+def discretised_logistic_log_likelihood(x, decoded):
+    """log P(x) of the 8-bit levels of x under one logistic per pixel (Salimans et al. 2017, PixelCNN++, with a
+    single logistic instead of their mixture), summed over pixels.
+
+    decoded holds the means (first half of the channels, in [-1, 1] pixel units) and the log-scales (second
+    half). Level k owns the bin [c - 1/255, c + 1/255] around c = 2k / 255 - 1, and the edge levels 0 and 255
+    take the tails, so the 256 probabilities sum to 1. An interior bin's P = sigmoid(a) - sigmoid(b) is
+    computed as sigmoid(a) sigmoid(-b) (1 - e^-(a - b)): stable in float32 however narrow the bin is against
+    the scale and however far it lies from the mean.
+    """
+    mean, log_scale = decoded.chunk(2, dim=-3)
+    level = pixel_levels(x)
+    inv_scale = torch.exp(-log_scale.clamp(min=LOG_SCALE_MIN))
+    centre = level / 127.5 - 1
+    upper = (centre + 1 / 255 - mean) * inv_scale
+    lower = (centre - 1 / 255 - mean) * inv_scale
+    interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(-2 / 255 * inv_scale))
+    log_p = torch.where(level == 0, F.logsigmoid(upper), torch.where(level == 255, F.logsigmoid(-lower), interior))
+    return log_p.sum((-3, -2, -1))
+
+
+def discretised_logistic_mean(decoded):
+    """The mean level / 255, in [0, 1]: E[level] = sum over the 255 bin edges t of P(level > t), and
+    P(level > t) = sigmoid((mean - t) / scale)."""
+    mean, log_scale = decoded.chunk(2, dim=-3)
+    inv_scale = torch.exp(-log_scale.clamp(min=LOG_SCALE_MIN))
+    total = torch.zeros_like(mean)
+    for k in range(1, 256):  # the edge between levels k - 1 and k is at (2k - 1) / 255 - 1
+        total += torch.sigmoid((mean - (2 * k - 1) / 255 + 1) * inv_scale)
+    return total / 255
+
+
+def decoder_mean(recon, decoded):
+    """The mean image of p(x|z) in [0, 1]: sigmoid(logits), or the discretised logistic's mean."""
+    return discretised_logistic_mean(decoded) if recon == "dlogistic" else torch.sigmoid(decoded)
+
+
+def reconstruction_loss(kind, x, decoded):
+    """The training reconstruction term per image: summed BCE, summed squared error of sigmoid(logits), or
+    -log P of the 8-bit pixels (dlogistic)."""
     if kind == "bce":
-        return -bernoulli_log_likelihood(x, logits)
-    return (torch.sigmoid(logits) - x).pow(2).sum((-3, -2, -1))
+        return -bernoulli_log_likelihood(x, decoded)
+    if kind == "dlogistic":
+        return -discretised_logistic_log_likelihood(x, decoded)
+    return (torch.sigmoid(decoded) - x).pow(2).sum((-3, -2, -1))
 
 
 def gaussian_kl(mu, logvar):
@@ -363,20 +431,20 @@ def vae_loss(encoder, decoder, flow, x, recon_kind, kl_weight, k):
     log w_j = -reconstruction(z_j) - kl_weight * (log q(z_j|x) - log p(z_j)), z_j ~ q(z|x); for k = 1 this is
     the ELBO with a one-sample Monte Carlo KL (the only KL a flow has). Only kl_weight = 1 makes it a bound
     on log p(x); other weights temper the prior-to-posterior ratio inside the average.
-    Returns (loss, reconstruction (N,), KL (N,), decoder output (k*N or N images, logits)).
+    Returns (loss, reconstruction (N,), KL (N,), decoder output (k*N or N images)).
     """
     mu, logvar, h = (t.float() for t in encoder(x))
     if k == 1 and flow is None:
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        logits = decoder(z).float()
-        recon, kl = reconstruction_loss(recon_kind, x, logits), gaussian_kl(mu, logvar)
-        return (recon + kl_weight * kl).mean(), recon, kl, logits
+        decoded = decoder(z).float()
+        recon, kl = reconstruction_loss(recon_kind, x, decoded), gaussian_kl(mu, logvar)
+        return (recon + kl_weight * kl).mean(), recon, kl, decoded
     z, log_q = posterior_samples(mu, logvar, h, flow, k)
-    logits = decoder(z.flatten(0, 1)).float()
-    recon = reconstruction_loss(recon_kind, x, logits.view(k, *x.shape))  # (k, N)
+    decoded = decoder(z.flatten(0, 1)).float()
+    recon = reconstruction_loss(recon_kind, x, decoded.view(k, -1, *decoded.shape[1:]))  # (k, N)
     kl = log_q - log_standard_normal(z)  # (k, N), one-sample Monte Carlo estimates
     bound = torch.logsumexp(-recon - kl_weight * kl, 0) - math.log(k)
-    return -bound.mean(), recon.mean(0), kl.mean(0), logits
+    return -bound.mean(), recon.mean(0), kl.mean(0), decoded
 
 
 def decoder_sigma_loss(x, logits, log_sigma):
@@ -390,6 +458,7 @@ def decoder_sigma_loss(x, logits, log_sigma):
 
 
 def load_models(ckpt, device):
+    """The networks of a checkpoint, in eval mode: encoder, decoder, and flow when the posterior has one."""
     if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a {SCRIPT} checkpoint (script={ckpt.get('script')!r}, format={ckpt.get('format')!r})")
     models = build_models(ckpt["config"])
@@ -406,7 +475,8 @@ def sample_latent(config, n, device, generator=None):
 @torch.no_grad()
 def generate(models, z, labels=None):
     """The decoder's mean in [0, 1] (for --recon bce the Bernoulli mean sigmoid(logits))."""
-    return torch.sigmoid(models["decoder"](z).float())
+    decoder = models["decoder"]
+    return decoder_mean(decoder.recon, decoder(z).float())
 
 
 @torch.no_grad()
@@ -421,39 +491,49 @@ def encode(models, x):
     return mu, logvar
 
 
-def log_likelihood(decoder, x, logits):
-    """log p(x|z) as a proper density on [0, 1]^D: continuous Bernoulli (bce) or Gaussian with the learned sigma (mse).
+def log_likelihood(decoder, x, decoded):
+    """log p(x|z) as a proper density on [0, 1]^D: continuous Bernoulli (bce), Gaussian with the learned sigma
+    (mse), or for dlogistic the discrete P(levels of x) spread evenly over each level's cell [k/256, (k+1)/256),
+    i.e. log P + D log 256.
 
     The Gaussian is a density on R^D; its mass outside [0, 1]^D is lost, so likelihoods from it are lower bounds.
+    The dlogistic density is constant on each cell, so on uniformly dequantised images (evaluate.py) its
+    bits/dim are those of the discrete P exactly: the dequantisation noise changes nothing.
     """
     if decoder.recon == "bce":
-        return bernoulli_log_likelihood(x, logits) + continuous_bernoulli_log_norm(logits)
-    return -gaussian_nll(x, torch.sigmoid(logits), decoder.log_sigma)
+        return bernoulli_log_likelihood(x, decoded) + continuous_bernoulli_log_norm(decoded)
+    if decoder.recon == "dlogistic":
+        return discretised_logistic_log_likelihood(x, decoded) + x[0].numel() * math.log(256)
+    return -gaussian_nll(x, torch.sigmoid(decoded), decoder.log_sigma)
 
 
 @torch.no_grad()
 def log_importance_weights(models, x, k, max_elements=1 << 22):
     """log p(x, z_j) - log q(z_j|x) for z_j ~ q(z|x), j = 1..k: a (k, N) tensor. The flow's log-det is in
-    log q. The k draws are decoded in chunks of at most max_elements output pixels."""
+    log q. The k draws are decoded in chunks of at most max_elements output pixels. A discretised decoder
+    sees x at its 8-bit levels (the encoder too, as in training), so dequantisation noise leaves no trace."""
     encoder, decoder, flow = models["encoder"], models["decoder"], models.get("flow")
+    if decoder.recon == "dlogistic":
+        x = pixel_levels(x) / 255
     mu, logvar, h = (t.float() for t in encoder(x))
     chunk = max(1, max_elements // x.numel())
     out = []
     for start in range(0, k, chunk):
         j = min(chunk, k - start)
         z, log_q = posterior_samples(mu, logvar, h, flow, j)
-        logits = decoder(z.flatten(0, 1)).float().view(j, *x.shape)
-        out.append(log_likelihood(decoder, x, logits) + log_standard_normal(z) - log_q)
+        decoded = decoder(z.flatten(0, 1)).float()
+        out.append(log_likelihood(decoder, x, decoded.view(j, -1, *decoded.shape[1:])) + log_standard_normal(z) - log_q)
     return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------
-# Analyses: test-set MSE, the 2-D map of the latents (seed 002 §3, §5)
+# Analyses: test-set MSE of the reconstructions, the 2-D map of the latents (DLCV HW4)
 
 
 @torch.no_grad()
-def reconstruction_mse(models, images_uint8, chunk=500):
-    """Mean squared error of the reconstructions decoder(mu) over a whole split, in [0, 1] pixel units."""
+def mse_of_reconstructions(models, images_uint8, chunk=500):
+    """Mean squared error between images and their reconstructions, the decoder's mean at the posterior mean
+    mu, over a whole split, in [0, 1] pixel units."""
     total = 0.0
     for i in range(0, len(images_uint8), chunk):
         x = to_unit_interval(images_uint8[i:i + chunk])
@@ -508,14 +588,19 @@ def map_labels(labels, config):
 
 
 # -----------------------------------------------------------------------------
-# Run outputs
+# Run outputs and setup, the same in every model script
 
 
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file, then rename: a kill mid-save never leaves a torn ckpt.pt."""
+    """Write to a temporary file, then rename: a kill or a full disk mid-save never leaves a torn ckpt.pt."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept") from None
 
 
 def load_checkpoint(path):
@@ -528,7 +613,6 @@ def load_checkpoint(path):
 
 
 def plot_curves(log_path, png_path, keys):
-    """One panel per tuple of keys; a key is drawn at the steps whose rows have it (test_mse: evaluations only)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -539,12 +623,11 @@ def plot_curves(log_path, png_path, keys):
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         return
-    groups = [k for k in keys if isinstance(k, tuple)]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, group in zip(axes[0], keys):
         for key in group:
-            have = [r for r in rows if key in r]
-            ax.plot([r["step"] for r in have], [r[key] for r in have], label=key, marker="o" if len(have) < 30 else None)
+            ax.plot(steps, [r[key] for r in rows], label=key)
         ax.set_xlabel("step")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -555,60 +638,18 @@ def plot_curves(log_path, png_path, keys):
 
 
 def truncate_log(log_path, last_step):
-    """On resume, drop log lines written after the checkpoint we continue from."""
+    """Drop log lines written after `last_step`: on resume those after the checkpoint, on a new run all."""
     if not os.path.exists(log_path):
         return
     with open(log_path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
     with open(log_path, "w") as f:
         f.writelines(rows)
 
 
-# -----------------------------------------------------------------------------
-# Training
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
-    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
-    p.add_argument("--out_dir", default="out/vae", help="checkpoints, samples, logs and plots go here")
-    p.add_argument("--img_size", type=int, default=28, help="any size for --arch mlp (28: 784 inputs, seed 000); 32 or 64 for --arch conv")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"], help="fully connected (seed 000 Table 1) or convolutional (seed 002, seed 004)")
-    p.add_argument("--latent_dim", type=int, default=20, help="latent size (seed 000: 20; seed 002 faces: 512)")
-    p.add_argument("--hidden", type=int, default=400, help="--arch mlp: hidden layer width (seed 000: 400)")
-    p.add_argument("--depth", type=int, default=4, choices=range(1, 6), help="--arch conv: strided layers in encoder and decoder (seed 002: 4)")
-    p.add_argument("--width", type=int, default=32, help="--arch conv: channels of the first conv layer, doubled per layer")
-    p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
-                   help="--arch conv: how the decoder doubles resolution: transposed conv, or resize then 3x3 conv (seed 003 §3)")
-    p.add_argument("--recon", default="bce", choices=["bce", "mse"], help="reconstruction term per image, summed over pixels")
-    p.add_argument("--kl_weight", type=float, default=1.0,
-                   help="weight of the summed KL against the summed reconstruction term (1: the ELBO; seed 002's 1e-2 on means is 1e-2 * D / latent_dim here)")
-    p.add_argument("--iw_k", type=int, default=1, help="importance samples of the IWAE bound (seed 003: 5); 1: the plain ELBO")
-    p.add_argument("--flow", default="none", choices=["none", "planar", "iaf"], help="normalizing-flow posterior (seed 003 §4a)")
-    p.add_argument("--flow_length", type=int, default=4, help="flow layers / IAF steps")
-    p.add_argument("--flow_hidden", type=int, default=0, help="IAF: width of its MADE layers; 0: twice --latent_dim")
-    p.add_argument("--map_attr", default="Male", help="for multi-attribute labels (CelebA): the attribute colouring latents.png")
-    p.add_argument("--batch_size", type=int, default=64, help="images per step, over all processes (seed 002: 64)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (seed 002)")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (seed 002)")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    p.add_argument("--max_iters", type=int, default=20000, help="training steps")
-    p.add_argument("--log_interval", type=int, default=100, help="steps between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=2000,
-                   help="steps between evaluations: test MSE, ckpt_best.pt, sample grid, reconstructions.png, curves.png")
-    p.add_argument("--ckpt_interval", type=int, default=2000, help="steps between checkpoints (one is always written at the end)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bfloat16 on CUDA, else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT (default: --out_dir/ckpt.pt) exactly where it stopped")
-    return p, p.parse_args(argv)
-
-
-# Flags a resumed run may change; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile", "out_dir")
+def fail(message):
+    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def resolve_device(name):
@@ -621,93 +662,227 @@ def resolve_device(name):
     return torch.device("cpu")
 
 
-def fail(message):
-    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+def cpu_computes_bfloat16():
+    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs it faster than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
 
 
-def check_config(config):
-    if config["arch"] == "conv" and config["img_size"] not in (32, 64):
-        fail(f"--img_size {config['img_size']} is not supported by the conv VAE: use 32 or 64 (or --arch mlp)")
-    for flag, least in (("latent_dim", 1), ("hidden", 1), ("width", 1), ("iw_k", 1), ("flow_length", 1), ("flow_hidden", 0), ("img_size", 1)):
-        if config[flag] < least:
-            fail(f"--{flag} {config[flag]} must be at least {least}")
-    if not config["kl_weight"] >= 0:
-        fail(f"--kl_weight {config['kl_weight']} must be at least 0")
+def resolve_dtype(name, device):
+    """--dtype auto: bfloat16 autocast where the device computes it natively, float32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        return "bfloat16" if cpu_computes_bfloat16() else "float32"
+    return "float32"
 
 
-def main(argv=None):
-    parser, args = get_args(argv)
-    config = vars(args)
-
-    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+def setup_distributed(device_name):
+    """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(args.device)
-    if ddp:
+    device = resolve_device(device_name)
+    if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
+    return device, rank, world
 
+
+def typed_flags(argv):
+    """The flags the user typed (the parser takes no abbreviations), to tell `--lr 2e-4` from the default 2e-4."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+
+
+def resume_config(config, argv):
+    """The checkpoint to resume and its config, with the flags typed now that a resumed run may change."""
+    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] == "auto" else config["resume"]
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--resume: {e}")
+    if ckpt.get("script") != SCRIPT:
+        fail(f"--resume: {path} is a {ckpt.get('script')!r} checkpoint, not {SCRIPT}")
+    typed = typed_flags(argv)
+    fixed = sorted(k for k in typed - set(RESUMABLE_OVERRIDES) if k in ckpt["config"] and config[k] != ckpt["config"][k])
+    if fixed:
+        fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r}); "
+             f"start a new run in another --out_dir instead")
+    return ckpt, {**ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
+
+
+def prepare_out_dir(config, step):
+    """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""
+    out_dir = config["out_dir"]
+    try:
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        truncate_log(os.path.join(out_dir, "log.jsonl"), step)
+    except OSError as e:
+        fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
+    return os.path.join(out_dir, "log.jsonl")
+
+
+def check_positive(config, names):
+    for name in names:
+        if not config[name] > 0:
+            fail(f"--{name} {config[name]} must be positive")
+
+
+def all_finite(tensors, ddp):
+    """True when every tensor is finite on every process: the ranks must agree, or one exits while the others wait."""
+    finite = torch.stack([t.detach().isfinite().all() for t in tensors]).all().float()
+    if ddp:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def write_log_row(log_path, row, max_iters):
+    """Append one row to log.jsonl and print it, with the time left at the current speed."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    values = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "ms_per_step", "images_per_s"))
+    left = format_time(row["ms_per_step"] * (max_iters - row["step"]) / 1000)
+    print(f"step {row['step']}/{max_iters} | {values} | {row['ms_per_step']:.1f} ms/step, "
+          f"{row['images_per_s']:.0f} img/s, {left} left", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
+    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
+    p.add_argument("--out_dir", default="out/vae", help="checkpoints, samples, logs and plots go here")
+    p.add_argument("--img_size", type=int, default=None,
+                   help="image side; default 28 for --arch mlp (784 inputs, CIS 680 Table 1), 32 for --arch conv (a multiple of 2^depth)")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"],
+                   help="fully connected (CIS 680 Table 1) or convolutional (DLCV HW4, CSI5340 assignment 4)")
+    p.add_argument("--latent_dim", type=int, default=20, help="latent size (CIS 680: 20; DLCV HW4 faces: 512)")
+    p.add_argument("--hidden", type=int, default=400, help="--arch mlp: hidden layer width (CIS 680: 400)")
+    p.add_argument("--depth", type=int, default=4, choices=range(1, 6), help="--arch conv: strided layers in encoder and decoder (DLCV HW4: 4)")
+    p.add_argument("--width", type=int, default=32, help="--arch conv: channels of the first conv layer, doubled per layer")
+    p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
+                   help="--arch conv: how the decoder doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
+    p.add_argument("--recon", default="bce", choices=["bce", "mse", "dlogistic"],
+                   help="p(x|z): Bernoulli (BCE, the handouts), squared error, or a discretised logistic of the 8-bit pixels "
+                        "(Salimans et al. 2017), whose bits/dim are exact")
+    p.add_argument("--kl_weight", type=float, default=1.0,
+                   help="weight of the summed KL against the summed reconstruction term (1: the ELBO; DLCV HW4's 1e-2 on means is 1e-2 * D / latent_dim here)")
+    p.add_argument("--iw_k", type=int, default=1, help="importance samples of the IWAE bound (the 2018 image-generation assignment: 5); 1: the plain ELBO")
+    p.add_argument("--flow", default="none", choices=["none", "planar", "iaf"],
+                   help="normalizing-flow posterior (Rezende & Mohamed 2015; Kingma et al. 2016)")
+    p.add_argument("--flow_length", type=int, default=4, help="flow layers / IAF steps")
+    p.add_argument("--flow_hidden", type=int, default=0, help="IAF: width of its MADE layers; 0: twice --latent_dim")
+    p.add_argument("--map_attr", default="Male", help="for multi-attribute labels (CelebA): the attribute colouring latents.png")
+    p.add_argument("--batch_size", type=int, default=64, help="images per step, over all processes (DLCV HW4: 64)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (DLCV HW4)")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (DLCV HW4)")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
+    p.add_argument("--max_iters", type=int, default=20000, help="training steps")
+    p.add_argument("--log_interval", type=int, default=100, help="steps between log.jsonl lines")
+    p.add_argument("--sample_interval", type=int, default=2000,
+                   help="steps between evaluations: test MSE, ckpt_best.pt, sample grid, reconstructions.png, curves.png")
+    p.add_argument("--ckpt_interval", type=int, default=2000, help="steps between checkpoints (one is always written at the end)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto: bfloat16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: --out_dir/ckpt.pt) exactly where it stopped")
+    return p.parse_args(argv)
+
+
+# Flags a resumed run may change; everything else comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
+                       "out_dir", "resume")
+
+
+def main(argv=None):
+    config = vars(get_args(argv))
+    device, rank, world = setup_distributed(config["device"])
+    ddp, master = world > 1, rank == 0
     ckpt = None
-    if args.resume:
-        ckpt_path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except (FileNotFoundError, ValueError) as e:
-            fail(f"--resume: {e}")
-        if ckpt.get("script") != SCRIPT:
-            fail(f"--resume: {ckpt_path} is a {ckpt.get('script')!r} checkpoint, not {SCRIPT}")
-        given = {k for k in RESUMABLE_OVERRIDES if config[k] != parser.get_default(k)}
-        config = {**ckpt["config"], **{k: config[k] for k in given}}
-
-    check_config(config)
-    dtype = config["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if config["resume"]:
+        ckpt, config = resume_config(config, argv)
+    if config["img_size"] is None:  # the handouts' sizes: 28 x 28 digits for the MLP, 32 x 32 for the conv VAE
+        config["img_size"] = 32 if config["arch"] == "conv" else 28
+    check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "img_size",
+                            "latent_dim", "hidden", "width", "iw_k", "flow_length", "lr"])
+    if config["arch"] == "conv" and config["img_size"] % 2 ** config["depth"]:
+        fail(f"--img_size {config['img_size']} is not supported by the conv VAE with --depth {config['depth']}: "
+             f"use a multiple of 2^depth = {2 ** config['depth']}, e.g. 32 or 64 (or a lower --depth, or --arch mlp)")
+    if config["flow_hidden"] < 0:
+        fail(f"--flow_hidden {config['flow_hidden']} must be positive, or 0 for twice --latent_dim")
+    if not config["kl_weight"] >= 0:
+        fail(f"--kl_weight {config['kl_weight']} must be at least 0")
+    try:
+        train_images, train_labels = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
+        test_images, test_labels = load_images(config["data_dir"], config["dataset"], "test", config["img_size"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if config["batch_size"] % world:
+        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
+    config["channels"] = train_images.shape[1]
+    dtype = resolve_dtype(config["dtype"], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-
-    try:
-        train_images, _ = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
-        test_images, test_labels = load_images(config["data_dir"], config["dataset"], "test", config["img_size"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    config["channels"] = train_images.shape[1]
-    if config["batch_size"] % world:
-        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
-    local_batch = config["batch_size"] // world
+    # conv layers run faster on N x H x W x C tensors (oneDNN on CPU, tensor cores on CUDA)
+    memory_format = torch.channels_last if config["arch"] == "conv" else torch.contiguous_format
     data = train_images.to(device)  # uint8 on the device; batches are drawn by index
     test_data = test_images.to(device)
+    local_batch = config["batch_size"] // world
+    # an empty test split (data/folder/prepare.py --test_size 0): no test MSE; the pictures show training images
+    shown_data, shown_labels = (test_data, test_labels) if len(test_data) else (data, train_labels)
+    if master and not len(test_data):
+        print(f"the test split of {config['dataset']} is empty: no test MSE or ckpt_best.pt; "
+              f"reconstructions.png and latents.png show training images", flush=True)
 
     torch.manual_seed(config["seed"] + rank)
     models = build_models(config)
     for model in models.values():
-        model.to(device)
+        model.to(device, memory_format=memory_format)
     encoder, decoder, flow = models["encoder"], models["decoder"], models.get("flow")
+    parameters = [p for model in models.values() for p in model.parameters()]
     # the decoder's sigma (--recon mse) gets a larger step: at --lr it would need ~10^4 steps to reach sigma^2 = MSE
     sigma = [decoder.log_sigma] if config["recon"] == "mse" else []
-    groups = [{"params": [p for m in models.values() for p in m.parameters() if all(p is not s for s in sigma)], "lr_scale": 1.0}]
+    groups = [{"params": [p for p in parameters if all(p is not s for s in sigma)], "lr_scale": 1.0}]
     groups += [{"params": sigma, "lr_scale": SIGMA_LR_SCALE}] if sigma else []
     opt = torch.optim.Adam(groups, lr=config["lr"], betas=(config["beta1"], config["beta2"]))
     for group in opt.param_groups:
         group["lr"] = config["lr"] * group["lr_scale"]
     data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
     fixed_noise = torch.randn(36, config["latent_dim"], generator=torch.Generator().manual_seed(config["seed"])).to(device)
-    step, best_mse = 0, float("inf")
+    # running sums over the current log window: checkpointed, so a resumed log equals an uninterrupted one
+    window = {k: torch.zeros((), device=device) for k in ("loss", "recon", "kl")}
+    window_steps, step, best_mse = 0, 0, float("inf")
     if ckpt is not None:
         for name, model in models.items():
             model.load_state_dict(ckpt["models"][name])
         opt.load_state_dict(ckpt["optimizers"]["vae"])
         for group in opt.param_groups:
             group["lr"] = config["lr"] * group["lr_scale"]
-        step, best_mse = ckpt["step"], ckpt["best_test_mse"]
-        fixed_noise = ckpt["fixed_noise"].to(device)
+        step, best_mse, fixed_noise = ckpt["step"], ckpt["best_test_mse"], ckpt["fixed_noise"].to(device)
+        if "log_window" in ckpt:  # (checkpoints of earlier versions start an empty window)
+            window = {k: v.to(device) for k, v in ckpt["log_window"]["sums"].items()}
+            window_steps = ckpt["log_window"]["steps"]
         if world == 1:  # the saved streams are rank 0's; other ranks keep their own seeds
             torch.set_rng_state(ckpt["rng"]["torch"])
             data_gen.set_state(ckpt["rng"]["data"])
@@ -721,21 +896,12 @@ def main(argv=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         encoder_train, decoder_train = DDP(encoder_train), DDP(decoder_train)
         flow_train = DDP(flow) if flow is not None else None
-
     out_dir = config["out_dir"]
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if master:
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        if ckpt is not None:
-            truncate_log(log_path, step)
-        elif os.path.exists(log_path):
-            os.remove(log_path)
+    log_path = prepare_out_dir(config, step) if master else None
 
     def draw_batch():
         idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
-        return to_unit_interval(data[idx])
+        return to_unit_interval(data[idx]).contiguous(memory_format=memory_format)
 
     def checkpoint():
         return {
@@ -745,88 +911,90 @@ def main(argv=None):
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "fixed_noise": fixed_noise.cpu(), "best_test_mse": best_mse,
+            "log_window": {"sums": {k: v.cpu() for k, v in window.items()}, "steps": window_steps},
         }
 
-    show_idx = torch.linspace(0, len(test_data) - 1, 10).long().to(device)  # spread over the split (mnist5k's is sorted by class)
+    show_idx = torch.linspace(0, len(shown_data) - 1, 10).long().to(device)  # spread over the split (mnist5k's is sorted by class)
 
     def evaluate():
-        """Test MSE, the sample grid from the fixed noise, and 10 test images above their reconstructions."""
+        """The sample grid from the fixed noise, 10 test images above their reconstructions, and the test MSE
+        (None for an empty test split)."""
         for model in models.values():
             model.eval()
-        mse = reconstruction_mse(models, test_data)
         save_image(generate(models, fixed_noise), os.path.join(out_dir, "samples", f"step_{step:06d}.png"), nrow=6, padding=2)
-        x = to_unit_interval(test_data[show_idx])
+        x = to_unit_interval(shown_data[show_idx])
         save_image(torch.cat([x, generate(models, encode(models, x)[0])]), os.path.join(out_dir, "reconstructions.png"), nrow=10, padding=2)
+        mse = mse_of_reconstructions(models, test_data) if len(test_data) else None
         for model in models.values():
             model.train()
         return mse
 
-    recon_kind, kl_weight, k = config["recon"], config["kl_weight"], config["iw_k"]
-    stats = torch.zeros(3, device=device)  # running sums over the log interval: loss, reconstruction, KL
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    t0, iters_since_log = time.perf_counter(), 0
-    curve_keys = [("loss", "recon"), ("kl",), ("test_mse",)]
-    start_step = step
+    recon_kind, kl_weight, iw_k = config["recon"], config["kl_weight"], config["iw_k"]
+    t0 = time.perf_counter()
     while step < config["max_iters"]:
+        # One step on minus the bound: the ELBO, or the importance-weighted bound for --iw_k > 1
         x = draw_batch()
         with autocast:
-            loss, recon, kl, logits = vae_loss(encoder_train, decoder_train, flow_train, x, recon_kind, kl_weight, k)
-        total = loss + decoder_sigma_loss(x, logits, decoder.log_sigma) if recon_kind == "mse" else loss
+            loss, recon, kl, decoded = vae_loss(encoder_train, decoder_train, flow_train, x, recon_kind, kl_weight, iw_k)
+        # --recon mse: the decoder's sigma is fitted on the side, by a Gaussian NLL that reaches nothing else
+        loss_sigma = decoder_sigma_loss(x, decoded, decoder.log_sigma) if recon_kind == "mse" else 0
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        (loss + loss_sigma).backward()
         opt.step()
         step += 1
-        iters_since_log += 1
+
         with torch.no_grad():
-            stats += torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()])
-            nonfinite |= ~torch.isfinite(total.detach())
+            window["loss"] += loss.detach()
+            window["recon"] += recon.detach().mean()
+            window["kl"] += kl.detach().mean()
+        window_steps += 1
 
         is_last = step == config["max_iters"]
-        log_now = step % config["log_interval"] == 0 or is_last
-        eval_now = step % config["sample_interval"] == 0 or is_last
-        if log_now or eval_now or step % config["ckpt_interval"] == 0:
-            if nonfinite.item():  # stop before a NaN can reach a checkpoint; the last good one stays
-                fail(f"non-finite loss by step {step} (loss={loss.item():.4g}, recon={recon.mean().item():.4g}, "
-                     f"kl={kl.mean().item():.4g}); the last good checkpoint in {out_dir} is kept; try a lower --lr")
-        row = {}
-        if master and eval_now:
-            mse = evaluate()
-            if not math.isfinite(mse):
-                fail(f"non-finite test MSE at step {step}; the last good checkpoint in {out_dir} is kept")
-            row["test_mse"] = mse
-            if mse < best_mse:
-                best_mse = mse
-                save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt_best.pt"))
-        if master and (log_now or eval_now):
-            means = (stats / max(iters_since_log, 1)).tolist()
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": means[0], "recon": means[1], "kl": means[2], **row,
-                   "ms_per_step": 1000 * dt / max(iters_since_log, 1), "images_per_s": iters_since_log * config["batch_size"] / dt}
-            if recon_kind == "mse":
-                row["sigma"] = decoder.log_sigma.exp().item()
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"step {step:6d} | loss {means[0]:.4f} recon {means[1]:.4f} kl {means[2]:.4f}"
-                  + (f" | test MSE {row['test_mse']:.5f}" if "test_mse" in row else "")
-                  + f" | {row['ms_per_step']:.1f} ms/step {row['images_per_s']:.0f} img/s")
-        if log_now or eval_now:
-            stats.zero_()
-            t0, iters_since_log = time.perf_counter(), 0
-        if master and eval_now:
-            plot_curves(log_path, os.path.join(out_dir, "curves.png"), curve_keys)
-        if master and (step % config["ckpt_interval"] == 0 or is_last):
-            save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
+        is_sample = step % config["sample_interval"] == 0 or is_last  # also the evaluation, with its own log row
+        is_log = step % config["log_interval"] == 0 or is_sample
+        is_ckpt = step % config["ckpt_interval"] == 0 or is_last
+        if (is_log or is_ckpt) and not all_finite([*window.values(), *parameters], ddp):
+            fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {out_dir} is kept; try a lower --lr")
+        if is_log:
+            seconds = time.perf_counter() - t0  # the window's training time, without the evaluation
+        test_mse = evaluate() if master and is_sample else None
+        if is_log:
+            if master:
+                row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
+                       **({"test_mse": test_mse} if test_mse is not None else {}),
+                       **({"sigma": decoder.log_sigma.exp().item()} if recon_kind == "mse" else {}),
+                       "ms_per_step": 1000 * seconds / window_steps,
+                       "images_per_s": window_steps * config["batch_size"] / seconds}
+                if device.type == "cuda":
+                    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                write_log_row(log_path, row, config["max_iters"])
+            for v in window.values():
+                v.zero_()
+            window_steps = 0
+        if master and (is_sample or is_ckpt):
+            try:
+                if is_sample:
+                    plot_curves(log_path, os.path.join(out_dir, "curves.png"), [("loss", "recon"), ("kl",)])
+                    if test_mse is not None and test_mse < best_mse:
+                        best_mse = test_mse
+                        save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt_best.pt"))
+                if is_ckpt:
+                    save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
+            except OSError as e:
+                fail(e)
+        if is_log:
+            t0 = time.perf_counter()  # the next window starts after the evaluation and the saving
 
     if master:
         for model in models.values():
             model.eval()
-        idx = torch.linspace(0, len(test_data) - 1, min(2000, len(test_data))).long()
-        mu = torch.cat([encode(models, to_unit_interval(test_data[i.to(device)]))[0] for i in idx.split(500)]).cpu()
-        labels, label_name = map_labels(test_labels[idx] if test_labels is not None else None, config)
+        idx = torch.linspace(0, len(shown_data) - 1, min(2000, len(shown_data))).long()
+        mu = torch.cat([encode(models, to_unit_interval(shown_data[i.to(device)]))[0] for i in idx.split(500)]).cpu()
+        labels, label_name = map_labels(shown_labels[idx] if shown_labels is not None else None, config)
         xy, method = latent_map(mu)
         save_latent_map(xy.numpy(), labels.numpy() if labels is not None else None, method, label_name, os.path.join(out_dir, "latents.png"))
-        final_mse = reconstruction_mse(models, test_data) if step == start_step else mse  # a resume with nothing left to do
-        print(f"test MSE: {final_mse:.6f} (best {best_mse:.6f}, kept in ckpt_best.pt)")
+        if len(test_data):
+            print(f"test MSE: {mse_of_reconstructions(models, test_data):.6f} (best {best_mse:.6f}, kept in ckpt_best.pt)")
     if ddp:
         del encoder_train, decoder_train, flow_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()

@@ -225,6 +225,17 @@ def test_fid_matches_pytorch_fid_cli(folders, fid_inception_weights):
     assert list(folders.cache.glob("features_*.npy")), "the real features were not cached"
 
 
+def test_requirements_keep_the_scipy_that_pytorch_fid_runs_on():
+    from packaging.requirements import Requirement
+
+    lines = (REPO / "requirements-dev.txt").read_text().splitlines()
+    requirements = [Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()]
+    pins = {r.name: r.specifier for r in requirements}
+    assert pins["pytorch-fid"].contains("0.3.0")
+    assert "scipy" in pins and not pins["scipy"].contains("1.18.0")  # 1.18 removed sqrtm's disp, which 0.3.0 passes
+    assert pins["scipy"].contains(scipy.__version__)
+
+
 def test_inception_features_match_pytorch_fid_network(inception, folders):
     from pytorch_fid.inception import InceptionV3
 
@@ -331,11 +342,40 @@ def run_main(argv, capsys):
     return exit_info.value.code, err
 
 
+def wrong_kind_checkpoints(fakegan, folder):
+    """Checkpoints a user may hand over by mistake: a cut-off file, a torch file that is no checkpoint,
+    a checkpoint whose weights do not fit its script, and a folder of non-images and one of mixed sizes."""
+    data = (fakegan / "ckpt.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(data[:len(data) // 2])
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    ckpt = torch.load(fakegan / "ckpt.pt", weights_only=True)
+    ckpt["models"]["G"] = torch.nn.Linear(3, 5).state_dict()
+    torch.save(ckpt, folder / "mismatched.pt")
+    (folder / "not_images").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / "not_images" / name).write_text("not an image")
+    (folder / "mixed").mkdir()
+    for size in (8, 9):
+        Image.fromarray(np.zeros((size, size), np.uint8)).save(folder / "mixed" / f"{size}.png")
+    return folder
+
+
 def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(fakegan))
+    bad = wrong_kind_checkpoints(fakegan, tmp_path)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     torch.save({"script": "nosuchscript", "config": {}, "models": {}}, tmp_path / "orphan.pt")
     cases = [
+        (["--ckpt", bad / "truncated.pt"], "cannot read checkpoint"),
+        (["--ckpt", bad / "foreign.pt"], "not a checkpoint of this project"),
+        (["--ckpt", bad / "mismatched.pt"], "does not load into fakegan.py's models (RuntimeError: "),
+        (["--real", bad / "not_images", "--fake", folders.fake], "cannot identify image file"),
+        (["--real", folders.real, "--fake", bad / "mixed"], "different sizes"),
+        (["--ckpt", fakegan / "ckpt.pt", "--n", "0"], "--n must be at least 2"),
+        (["--ckpt", fakegan / "ckpt.pt", "--n", "-5"], "--n must be at least 2"),
+        (["--ckpt", fakegan / "ckpt.pt", "--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--real", folders.real, "--fake", folders.fake, "--batch_size", "-1"], "--batch_size must be at least 1"),
+        (["--ckpt", fakegan / "ckpt.pt", "--n", "ten"], "invalid int value"),
         (["--ckpt", tmp_path / "missing.pt"], "no checkpoint at"),
         (["--ckpt", tmp_path / "junk.pt"], "cannot read checkpoint"),
         (["--ckpt", tmp_path / "orphan.pt"], "nosuchscript.py, which is not in"),
@@ -348,6 +388,14 @@ def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
     for argv, expected in cases:
         code, err = run_main(argv, capsys)
         assert code != 0 and len(err) == 1 and err[0].startswith("evaluate.py: error: ") and expected in err[0], (argv, err)
+
+
+def test_wrong_kind_of_checkpoint_from_the_command_line(fakegan, tmp_path):
+    # the cases above run in this process; this is the same as a user sees it (the interpreter's own stderr)
+    bad = wrong_kind_checkpoints(fakegan, tmp_path)
+    proc = run_script("evaluate.py", "--ckpt", bad / "mismatched.pt", env={"PYTHONPATH": str(fakegan)}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "does not load into fakegan.py's models" in lines[0], proc.stderr
 
 
 def test_missing_weights_offline_message(folders, tmp_path, capsys, monkeypatch):
@@ -403,6 +451,153 @@ def test_super_resolution_metrics():
     assert worse["mse"] > means["mse"] and worse["psnr"] < means["psnr"]
 
 
+FAKESR = '''
+"""A stand-in super-resolution script for evaluate.py's tests: 4x average pooling, bilinear back, darkened."""
+import os
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def real_images(config, split):
+    return torch.from_numpy(np.load(os.path.join(config["data_dir"], split + ".npy"))), None
+
+
+def load_models(ckpt, device):
+    return {}
+
+
+def degrade(x, config):
+    return F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="bilinear", align_corners=False)
+
+
+def upscale(models, x_low):
+    return x_low * 0.8  # not the bilinear input: its FID differs from the baseline's
+'''
+
+FAKEVAE = '''
+"""A stand-in VAE script for evaluate.py's tests: z ~ q(z|x) drawn from torch's global generator, as vae.py does."""
+import os
+import numpy as np
+import torch
+
+
+def real_images(config, split):
+    return torch.from_numpy(np.load(os.path.join(config["data_dir"], split + ".npy"))), None
+
+
+def load_models(ckpt, device):
+    decoder = torch.nn.Linear(4, 28 * 28)
+    decoder.load_state_dict(ckpt["models"]["decoder"])
+    return {"decoder": decoder.eval()}
+
+
+@torch.no_grad()
+def encode(models, x):
+    mu = x.flatten(1)[:, 300:304]
+    return mu, torch.full_like(mu, -2.0)
+
+
+@torch.no_grad()
+def generate(models, z, labels=None):
+    return torch.sigmoid(models["decoder"](z)).view(-1, 1, 28, 28)
+
+
+@torch.no_grad()
+def log_importance_weights(models, x, k):
+    mu, logvar = encode(models, x)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    z = mu + (0.5 * logvar).exp() * torch.randn(k, *mu.shape)
+    mean = generate(models, z.flatten(0, 1)).view(k, len(x), -1)
+    log_lik = torch.distributions.Normal(mean, 0.2).log_prob(x.flatten(1)).sum(-1)
+    return log_lik + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+'''
+
+
+def write_fake_script(root, name, source, real, models=None):
+    """root/name.py, root/data/test.npy (uint8 N x C x H x W, as real_images returns) and root/ckpt.pt."""
+    (root / "data").mkdir(parents=True)
+    (root / f"{name}.py").write_text(source)
+    np.save(root / "data" / "test.npy", real.numpy())
+    torch.save({"script": name, "format": 1, "config": {"dataset": name, "data_dir": str(root / "data")}, "step": 1,
+                "models": models or {}, "optimizers": {}, "rng": {}}, root / "ckpt.pt")
+    return root
+
+
+class PixelFeatures(torch.nn.Module):
+    """Stands in for the FID Inception where only the plumbing is tested: 4x4 average pools as features."""
+    has_classifier, weights_sha = False, "pixel-features"
+
+    def forward(self, images):
+        features = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+        return features, features
+
+
+def test_super_resolution_checkpoint_without_lpips_weights(folders, tmp_path, capsys, monkeypatch):
+    real = evaluate.load_image_set(folders.real)[:, :1]
+    root = write_fake_script(tmp_path / "fakesr", "fakesr", FAKESR, real)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(evaluate, "load_inception", lambda path, device: PixelFeatures())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache, and no network:
+    monkeypatch.setitem(evaluate.LPIPS_BACKBONES, "alex", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth")
+    argv = ["--ckpt", root / "ckpt.pt", "--no_cache", "--device", "cpu", "--json", tmp_path / "sr.json"]
+    evaluate.main([str(a) for a in argv])  # no exit: every other metric is reported
+    out, err = capsys.readouterr()
+    report = read_json(tmp_path / "sr.json")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    assert report["metrics"]["lpips"] is None and "lpips_bilinear" not in report["metrics"]
+    note = report["notes"]["lpips"]
+    assert note.startswith("unavailable: ") and "alexnet-owt-7be5be79.pth" in note and f"put it in {hub}" in note
+    assert "unavailable: weights file alexnet-owt-7be5be79.pth" in out and "Traceback" not in err
+    for name in ("mse", "psnr", "fid"):
+        assert np.isfinite(report["metrics"][name]) and np.isfinite(report["metrics"][name + "_bilinear"]), name
+
+    # the baseline's FID: the bilinear-upsampled inputs against the same real images
+    bilinear = evaluate.to_uint8(sys.modules["fakesr"].degrade(real.float() / 255, {}))
+    real_stats = evaluate.feature_statistics(PixelFeatures()(real)[0])
+    expected = evaluate.frechet_distance(*real_stats, *evaluate.feature_statistics(PixelFeatures()(bilinear)[0]))
+    assert report["metrics"]["fid_bilinear"] == pytest.approx(expected, rel=1e-9)
+    assert report["metrics"]["fid"] != pytest.approx(expected, rel=1e-3)
+
+    code, err = run_main([*argv, "--metrics", "mse,lpips"], capsys)  # asked for by name: an error
+    assert code != 0 and len(err) == 1 and "alexnet-owt-7be5be79.pth" in err[0] and str(hub) in err[0]
+
+
+@pytest.fixture
+def fakevae(folders, tmp_path):
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(4, 28 * 28)
+    real = evaluate.load_image_set(folders.real)[:12, :1]
+    return write_fake_script(tmp_path / "fakevae", "fakevae", FAKEVAE, real, {"decoder": decoder.state_dict()})
+
+
+def test_vae_metrics_depend_on_the_seed_alone(fakevae, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(fakevae))
+
+    def metrics(seed, name):
+        evaluate.main(["--ckpt", str(fakevae / "ckpt.pt"), "--metrics", "mse,bpd", "--bpd_k", "3", "--batch_size", "5",
+                       "--seed", str(seed), "--device", "cpu", "--json", str(tmp_path / name)])
+        return read_json(tmp_path / name)["metrics"]
+
+    first, again, other = metrics(1, "a.json"), metrics(1, "b.json"), metrics(2, "c.json")
+    assert first == again  # the global generator moved on between the two runs
+    assert other["bpd"] != first["bpd"] and other["mse"] == first["mse"]  # the mean reconstruction draws nothing
+
+
+def test_vae_checkpoints_get_the_fid_of_their_samples():
+    import vae
+
+    kinds = evaluate.model_kinds(vae)
+    assert kinds == ["generator", "vae"]
+    assert {"fid", "kid", "is", "mse", "bpd"} <= set(evaluate.choose_metrics(None, kinds, "vae.py"))
+
+
+def test_classes_metric_keeps_digits_as_an_alias():
+    assert "classes" in evaluate.choose_metrics(None, ["generator"], "dcgan.py")
+    assert evaluate.choose_metrics("digits", ["generator"], "dcgan.py") == ["classes"]
+    assert evaluate.choose_metrics("fid,digits,classes", ["generator"], "dcgan.py") == ["fid", "classes"]
+
+
 def linear_gaussian_vae(d_z=2, d_x=16, sigma=0.3, q_scale=1.0, seed=0):
     """x = W z + b + sigma * eps, z ~ N(0, I): log p(x) is a Gaussian in closed form.
     q(z | x): the exact posterior with its std scaled by q_scale (so importance sampling has work to do)."""
@@ -452,7 +647,7 @@ def test_bits_per_dim_convention():
     assert bpd == pytest.approx(expected, rel=1e-6)
 
 
-# --- the digit classifier ------------------------------------------------------------------
+# --- the label classifier (metric `classes`) -----------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -463,14 +658,14 @@ def mnist5k():
     return split("train"), split("test")
 
 
-def test_digit_classifier_accuracy_cache_and_agreement(mnist5k, tmp_path):
+def test_label_classifier_accuracy_cache_and_agreement(mnist5k, tmp_path):
     train, test = mnist5k
     start = time.time()
-    model, accuracy = evaluate.load_digit_classifier(train, test, "cpu", tmp_path)
-    print(f"digit classifier: {time.time() - start:.1f} s, test accuracy {accuracy:.4f}")
+    model, accuracy = evaluate.load_label_classifier(train, test, "cpu", tmp_path)
+    print(f"label classifier: {time.time() - start:.1f} s, test accuracy {accuracy:.4f}")
     assert accuracy >= 0.95
     start = time.time()
-    cached, cached_accuracy = evaluate.load_digit_classifier(train, test, "cpu", tmp_path)
+    cached, cached_accuracy = evaluate.load_label_classifier(train, test, "cpu", tmp_path)
     assert cached_accuracy == accuracy and time.time() - start < 5
     assert torch.equal(evaluate.classify(cached, test[0]), evaluate.classify(model, test[0]))
 

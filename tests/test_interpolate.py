@@ -70,8 +70,8 @@ def args(**kw):
 
 
 def test_coefficients_and_extrapolation():
-    assert interpolate.interpolation_coefficients(10) == [i / 9 for i in range(10)]  # seed 001: i/K, K = 9, 10 images
-    ts = interpolate.interpolation_coefficients(11, extrapolate=2)  # seed 003: 0, 0.1, ..., 1, plus 2 each side
+    assert interpolate.interpolation_coefficients(10) == [i / 9 for i in range(10)]  # the MNIST homework: i/K, K = 9, 10 images
+    ts = interpolate.interpolation_coefficients(11, extrapolate=2)  # the 2018 image-generation assignment: 0, 0.1, ..., 1, plus 2 each side
     assert len(ts) == 15 and ts[2] == 0 and ts[12] == 1
     assert np.allclose(np.diff(ts), 0.1) and math.isclose(ts[0], -0.2) and math.isclose(ts[-1], 1.2)
     with pytest.raises(ValueError):
@@ -234,6 +234,40 @@ def test_bad_requests_end_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
     bad.write_bytes(b"garbage")
     assert "cannot read checkpoint" in error_line(capsys, "--ckpt", bad)
     assert "no checkpoint" in error_line(capsys, "--ckpt", tmp_path / "missing.pt")
+
+
+def wrong_kind_checkpoints(ckpts, folder):
+    """A cut-off checkpoint, a torch file that is none, and a dcgan checkpoint whose weights are not dcgan's."""
+    data = ckpts["dcgan"].read_bytes()
+    (folder / "truncated.pt").write_bytes(data[:len(data) // 2])
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    ckpt = torch.load(ckpts["dcgan"], weights_only=True)
+    for group in ("models", "ema"):
+        if group in ckpt:
+            ckpt[group] = {name: torch.nn.Linear(3, 5).state_dict() for name in ckpt[group]}
+    torch.save(ckpt, folder / "mismatched.pt")
+    return folder
+
+
+def test_bad_input_ends_with_one_line(ckpts, tmp_path, capsys):
+    bad = wrong_kind_checkpoints(ckpts, tmp_path)
+    assert "cannot read checkpoint" in error_line(capsys, "--ckpt", bad / "truncated.pt")
+    assert "not a checkpoint of this project" in error_line(capsys, "--ckpt", bad / "foreign.pt")
+    assert "does not load into dcgan.py's models" in error_line(capsys, "--ckpt", bad / "mismatched.pt")
+    for flag, value, expected in (("pairs", 0, "--pairs must be at least 1"), ("n_noise", -1, "--n_noise must be at least 1"),
+                                  ("steps", 1, "--steps must be at least 2"), ("extrapolate", -1, "--extrapolate must be 0"),
+                                  ("pairs", "two", "invalid int value")):
+        line = error_line(capsys, "--ckpt", ckpts["dcgan"], f"--{flag}", value)
+        assert line.startswith("interpolate.py: error: ") and expected in line, line
+    (tmp_path / "a_file").write_text("")
+    assert "--out_dir" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "pairs", "--out_dir", tmp_path / "a_file")
+
+
+def test_wrong_kind_of_checkpoint_from_the_command_line(ckpts, tmp_path):
+    bad = wrong_kind_checkpoints(ckpts, tmp_path)
+    proc = run_script("interpolate.py", "--ckpt", bad / "mismatched.pt", "--device", "cpu", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "does not load into dcgan.py's models" in lines[0], proc.stderr
 
 
 def test_command_line_writes_next_to_the_checkpoint(ckpts):

@@ -1,4 +1,6 @@
+import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -6,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,6 +20,7 @@ sys.path.insert(0, str(REPO))
 import srgan  # noqa: E402
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch_size", "8", "--eval_images", "64", "--device", "cpu"]
+F32 = ["--dtype", "float32"]  # the bit-exact reference (auto is bfloat16 on CPUs that compute it)
 
 
 def config(**kw):
@@ -46,8 +50,9 @@ def main_error(capsys, *args):
 
 
 def read_log(out_dir):
+    """The complete rows of log.jsonl (a run being killed may have half-written the last one)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 # --- architecture --------------------------------------------------------------------------
@@ -229,6 +234,52 @@ def test_training_writes_every_output(tiny_mnist, tmp_path):
     assert Image.open(out / "progress_strip.png").size == (4 * 66 + 2, 66 + 2 + 14)  # input, steps 3 and 6, truth
 
 
+def test_ema_generator_is_saved_and_loaded(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--log_interval", "2", *TINY)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ema, trained = ckpt["ema"]["G"], ckpt["models"]["G"]
+    assert ema.keys() == trained.keys()
+    assert any(not torch.equal(ema[k], trained[k]) for k in ema if k.endswith("weight"))  # averaged weights
+    # their own batch-norm statistics: the plain average over 50 batches of degraded training images
+    assert all(ema[k].item() == 50 for k in ema if k.endswith("num_batches_tracked"))
+    assert all(not torch.equal(ema[k], trained[k]) and ema[k].abs().sum() > 0 for k in ema if k.endswith("running_mean"))
+    loaded = srgan.load_models(ckpt, "cpu")["G"].state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)  # evaluate.py and interpolate.py get the EMA generator
+
+    plain = tmp_path / "plain"
+    run_main("--data_dir", tiny_mnist, "--out_dir", plain, "--max_iters", "4", "--log_interval", "2", "--ema_decay", "0", *TINY)
+    ckpt = torch.load(plain / "ckpt.pt", weights_only=True)
+    assert "ema" not in ckpt
+    loaded = srgan.load_models(ckpt, "cpu")["G"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ckpt["models"]["G"].items())
+
+
+def test_sampling_leaves_the_training_streams_untouched(tiny_mnist, tmp_path):
+    # the EMA's batch-norm statistics are recomputed on fixed-seed batches at every sample and checkpoint step
+    common = ["--data_dir", tiny_mnist, "--max_iters", "6", "--log_interval", "1", *TINY, *F32]
+    run_main("--out_dir", tmp_path / "often", "--sample_interval", "2", "--ckpt_interval", "2", *common)
+    run_main("--out_dir", tmp_path / "once", "--sample_interval", "100", "--ckpt_interval", "100", *common)
+    often, once = read_log(tmp_path / "often"), read_log(tmp_path / "once")
+    assert len(often) == len(once) == 6
+    for a, b in zip(often, once):
+        assert (a["loss_D"], a["loss_G"]) == (b["loss_D"], b["loss_G"]), a["step"]
+
+
+def test_one_generator_forward_per_iteration(tiny_mnist, tmp_path, monkeypatch):
+    training_calls = []
+    forward = srgan.UNetGenerator.forward
+
+    def counted(self, x):
+        if self.training and torch.is_grad_enabled():
+            training_calls.append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(srgan.UNetGenerator, "forward", counted)
+    run_main("--data_dir", tiny_mnist, "--out_dir", tmp_path / "run", "--max_iters", "5", *TINY)
+    assert training_calls == [8] * 5  # D's update and G's update share one forward of the batch
+
+
 @pytest.mark.parametrize("flags", [["--gan_loss", "wgan-gp", "--recon", "mse", "--down", "area"],
                                    ["--gan_loss", "hinge", "--sn"], ["--gan_loss", "lsgan", "--adv_weight", "0.1"]])
 def test_variants_train(tiny_mnist, tmp_path, flags):
@@ -240,8 +291,35 @@ def test_variants_train(tiny_mnist, tmp_path, flags):
     assert srgan.load_models(torch.load(out / "ckpt.pt", weights_only=True), "cpu")["G"] is not None
 
 
+def test_bfloat16_trains(tiny_mnist, tmp_path):
+    common = ["--data_dir", tiny_mnist, "--max_iters", "3", "--log_interval", "1", *TINY]
+    run_main("--out_dir", tmp_path / "bf16", "--dtype", "bfloat16", *common)
+    run_main("--out_dir", tmp_path / "f32", *F32, *common)
+    bf16, f32 = read_log(tmp_path / "bf16"), read_log(tmp_path / "f32")
+    assert [r["step"] for r in bf16] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in bf16 for k in ("loss_D", "loss_G", "recon", "adv"))
+    assert 0 < bf16[-1]["test_mse"] < 1
+    assert bf16[0]["loss_D"] != f32[0]["loss_D"]  # autocast really ran in bfloat16
+    assert abs(bf16[0]["recon"] - f32[0]["recon"]) < 0.05 * f32[0]["recon"]  # and computed the same thing
+    ckpt = torch.load(tmp_path / "bf16" / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["models"]["G"].values() if v.is_floating_point())
+
+
+def test_srgan_learns_to_beat_bilinear(tiny_mnist, tmp_path):
+    # 40 steps at a high learning rate take the tiny U-Net below the bilinear input's test MSE (about 0.0044 vs 0.0091)
+    out = tmp_path / "run"
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "40", "--log_interval", "40", "--lr", "2e-2", *TINY, *F32)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    truth = srgan.real_images(ckpt["config"], "test")[0].float() / 255
+    low = srgan.degrade(truth, ckpt["config"])
+    model_mse = (srgan.upscale(srgan.load_models(ckpt, "cpu"), low) - truth).pow(2).mean().item()
+    bilinear_mse = (low - truth).pow(2).mean().item()
+    assert model_mse < bilinear_mse, (model_mse, bilinear_mse)
+    assert read_log(out)[-1]["test_mse"] == pytest.approx(model_mse, rel=1e-4)
+
+
 def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
-    common = ["--data_dir", tiny_mnist, "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15", *TINY]
+    common = ["--data_dir", tiny_mnist, "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15", *TINY, *F32]
     straight = tmp_path / "straight"
     run_main("--out_dir", straight, "--max_iters", "40", *common)
     expected = {r["step"]: r for r in read_log(straight)}
@@ -265,12 +343,65 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
     for r in rows:
         for key in ("loss_D", "loss_G", "recon", "adv", "test_mse"):
             assert r.get(key) == expected[r["step"]].get(key), (r["step"], key)
-    assert torch.load(killed / "ckpt.pt", weights_only=True)["progress"]["steps"] == [15, 30, 40]
+    resumed, reference = (torch.load(d / "ckpt.pt", weights_only=True) for d in (killed, straight))
+    assert resumed["progress"]["steps"] == [15, 30, 40]
+    for part in ("models", "ema"):
+        for name, state in reference[part].items():
+            assert state.keys() == resumed[part][name].keys()
+            assert all(torch.equal(v, resumed[part][name][k]) for k, v in state.items()), (part, name)
+
+
+def test_log_after_resume_between_log_steps_equals_uninterrupted(tiny_mnist, tmp_path, monkeypatch):
+    # keep a copy of every checkpoint, to resume from step 3 while the log window (steps 1-3 of 4) is open
+    save = srgan.save_checkpoint
+
+    def save_and_keep(ckpt, path):
+        save(ckpt, path)
+        shutil.copy(path, tmp_path / f"step{ckpt['step']}.pt")
+
+    monkeypatch.setattr(srgan, "save_checkpoint", save_and_keep)
+    common = ["--data_dir", tiny_mnist, "--max_iters", "8", "--log_interval", "4", "--ckpt_interval", "3",
+              "--sample_interval", "100", *TINY, *F32]
+    run_main("--out_dir", tmp_path / "straight", *common)
+    run_main("--out_dir", tmp_path / "resumed", "--resume", tmp_path / "step3.pt", *common)
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert [r["step"] for r in straight] == [r["step"] for r in resumed] == [4, 8]
+    for a, b in zip(straight, resumed):
+        for key in ("loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y", "test_mse", "baseline_mse"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+
+
+def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--sample_interval", "100", *TINY]
+    run_main("--max_iters", "2", "--log_interval", "1", *common)
+    # --log_interval 25 is the default, yet typed: the resumed run logs only at its last step
+    run_main("--max_iters", "4", "--log_interval", "25", "--resume", *common)
+    assert [r["step"] for r in read_log(out)] == [1, 2, 4]
+    good = (out / "ckpt.pt").read_bytes()
+    line = main_error(capsys, "--max_iters", "6", "--resume", *common, "--ngf", "16")
+    assert "--ngf cannot change" in line and "8" in line
+    assert (out / "ckpt.pt").read_bytes() == good
+
+
+def test_empty_test_split_shows_training_images(tiny_mnist, tmp_path, capsys):
+    # data/folder/prepare.py --test_size 0 writes a test.npy of 0 images
+    np.save(tiny_mnist / "mnist5k" / "test.npy", np.zeros((0, 28, 28, 1), np.uint8))
+    (tiny_mnist / "mnist5k" / "test_labels.npy").unlink()
+    out = tmp_path / "run"
+    capsys.readouterr()
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--log_interval", "2", "--sample_interval", "2", *TINY)
+    assert "test split of 'mnist5k' is empty" in capsys.readouterr().out
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [2, 4] and not any("test_mse" in r for r in rows)
+    from PIL import Image
+    assert Image.open(out / "samples/step_000004.png").size == (6 * 66 + 2, 6 * 66 + 2)  # 12 training images
+    assert torch.load(out / "ckpt.pt", weights_only=True)["progress"]["steps"] == [2, 4]
 
 
 def test_torchrun_two_processes(tiny_mnist, tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29643",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29645",
                            "srgan.py", "--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3",
                            "--log_interval", "1", *TINY],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -278,6 +409,7 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert not any(k.startswith("module.") for k in ckpt["models"]["G"])  # saved without the DDP wrapper
+    assert "G" in ckpt["ema"]
     assert len(read_log(out)) == 3  # only rank 0 writes
 
 
@@ -330,6 +462,60 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, cap
     assert "non-finite loss" in main_error(capsys, "--max_iters", "20", "--resume", "--lr", "1e30", *common)
     assert (out / "ckpt.pt").read_bytes() == good
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("flag,value", [("batch_size", "0"), ("max_iters", "0"), ("log_interval", "-1"), ("sample_interval", "0"),
+                                        ("ckpt_interval", "0"), ("low_size", "0"), ("low_size", "64"), ("ngf", "0"), ("ngf", "7"),
+                                        ("ndf", "-8"), ("lr", "0"), ("eval_images", "-1"), ("adv_weight", "-1"),
+                                        ("beta1", "1"), ("ema_decay", "1")])
+def test_bad_sizes_and_counts_stop_with_one_line(tiny_mnist, tmp_path, capsys, flag, value):
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", *TINY, f"--{flag}", value)
+    assert line.startswith("srgan.py: error: ") and f"--{flag} {value}" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_dir_stops_and_keeps_the_checkpoint(tiny_mnist, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", tmp_path / "a_file" / "run", *TINY)
+    assert "cannot write to --out_dir" in line
+    # a run whose samples/ cannot be made (a file is in the way): the resume stops before touching what is there
+    out = tmp_path / "run"
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "2", *TINY)
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl", "config.json")}
+    shutil.rmtree(out / "samples")
+    (out / "samples").write_text("")
+    assert "cannot write to --out_dir" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--resume", *TINY)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_out_dir(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert "cannot write to --out_dir" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, *TINY)
+    finally:
+        out.chmod(0o700)
+
+
+def test_resume_refuses_another_scripts_checkpoint(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5}, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
+    assert "'dcgan' checkpoint, not srgan" in line
+    assert (out / "ckpt.pt").read_bytes() == before and sorted(os.listdir(out)) == ["ckpt.pt"]
+
+
+def test_shared_helpers_are_dcgans_verbatim():
+    import dcgan
+    for name in ("load_images", "resize_uint8", "real_images", "save_checkpoint", "load_checkpoint", "plot_curves",
+                 "truncate_log", "fail", "resolve_device", "cpu_computes_bfloat16", "resolve_dtype", "setup_distributed",
+                 "typed_flags", "resume_config", "prepare_out_dir", "check_positive", "all_finite", "format_time",
+                 "write_log_row", "update_ema", "recompute_batchnorm_stats", "load_models"):
+        assert inspect.getsource(getattr(srgan, name)) == inspect.getsource(getattr(dcgan, name)), name
 
 
 def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):

@@ -30,8 +30,9 @@ def config(**kw):
 
 
 def read_log(out_dir):
+    """The complete rows of log.jsonl (a run being killed may have half-written the last one)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def mnist_batch(n=32, size=28):
@@ -43,13 +44,13 @@ def mnist_batch(n=32, size=28):
 
 
 def test_defaults_follow_the_handouts():
-    _, args = vae.get_args([])
-    assert (args.arch, args.dataset, args.img_size, args.hidden, args.latent_dim) == ("mlp", "mnist5k", 28, 400, 20)
+    args = vae.get_args([])
+    assert (args.arch, args.dataset, args.img_size, args.hidden, args.latent_dim) == ("mlp", "mnist5k", None, 400, 20)
     assert (args.recon, args.kl_weight, args.batch_size, args.lr, args.beta1, args.iw_k) == ("bce", 1.0, 64, 2e-4, 0.5, 1)
 
 
 def test_mlp_is_table_1():
-    # seed 000 Table 1: 784 - 400 - (20, 20) - 400 - 784, sigmoid output
+    # CIS 680 Table 1: 784 - 400 - (20, 20) - 400 - 784, sigmoid output
     models = vae.build_models(config())
     shapes = lambda m: [(l.in_features, l.out_features) for l in m.modules() if isinstance(l, nn.Linear)]
     assert shapes(models["encoder"]) == [(784, 400), (400, 20), (400, 20)]
@@ -76,7 +77,25 @@ def test_conv_shapes(img_size, depth, upsample):
     assert vae.generate(models, mu).shape == (3, 3, img_size, img_size)
 
 
-def test_seed_002_face_model():
+@pytest.mark.parametrize("upsample", ["convtranspose", "nearest", "bilinear"])
+def test_upsample_modes_build_resize_then_conv_layers(upsample):
+    depth = 3
+    decoder = vae.build_models(config(arch="conv", img_size=32, depth=depth, upsample=upsample, width=8))["decoder"]
+    transposed = [m for m in decoder.modules() if isinstance(m, nn.ConvTranspose2d)]
+    resized = [m for m in decoder.modules() if isinstance(m, nn.Upsample)]
+    convs = [m for m in decoder.modules() if isinstance(m, nn.Conv2d)]
+    if upsample == "convtranspose":
+        assert len(transposed) == depth and not resized and not convs
+    else:  # each doubling is an Upsample of that mode followed by a 3x3 stride-1 conv (Odena et al. 2016)
+        assert not transposed and len(resized) == len(convs) == depth
+        assert all(m.mode == upsample and m.scale_factor == 2 for m in resized)
+        assert all(m.kernel_size == (3, 3) and m.stride == (1, 1) for m in convs)
+        for block in (m for m in decoder.modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Upsample)):
+            assert isinstance(block[1], nn.Conv2d)
+    assert decoder(torch.randn(2, 20)).shape == (2, 1, 32, 32)
+
+
+def test_dlcv_face_model():
     # four strided convs to a 512-d mean and log-variance, four layers back up to 64x64x3
     models = vae.build_models(config(arch="conv", channels=3, img_size=64, depth=4, latent_dim=512))
     x, shapes = torch.rand(2, 3, 64, 64), []
@@ -120,6 +139,97 @@ def test_continuous_bernoulli_is_a_density_on_the_unit_interval():
         l = torch.tensor(logit, dtype=torch.double)
         log_p = x * F.logsigmoid(l) + (1 - x) * F.logsigmoid(-l) + vae.continuous_bernoulli_log_norm(l.view(1, 1, 1))
         assert abs(torch.trapezoid(log_p.exp(), x).item() - 1) < 1e-6, logit
+
+
+def logistic_params(mean, log_scale, shape=(1, 1, 1)):
+    """A decoder output for --recon dlogistic: the mean map, then the log-scale map."""
+    return torch.cat([torch.full(shape, mean, dtype=torch.double), torch.full(shape, log_scale, dtype=torch.double)])
+
+
+def test_discretised_logistic_sums_to_one_and_integrates_the_density():
+    levels = torch.arange(256, dtype=torch.double).view(256, 1, 1, 1)
+    for mean, log_scale in [(0.0, -1.0), (0.3, -4.0), (-0.999, -6.0), (1.7, -2.0), (-3.0, 0.5), (0.51, -7.0), (0.2, -9.0)]:
+        decoded = logistic_params(mean, log_scale)
+        log_p = vae.discretised_logistic_log_likelihood(levels / 255, decoded)
+        assert log_p.shape == (256,) and torch.isfinite(log_p).all()
+        assert abs(log_p.exp().sum().item() - 1) < 1e-9, (mean, log_scale)
+        # interior bins: the logistic density integrated numerically over [c - 1/255, c + 1/255], c = 2k/255 - 1
+        s = math.exp(max(log_scale, vae.LOG_SCALE_MIN))
+        for k in (1, 37, 128, 200, 254):
+            t = torch.linspace(2 * k / 255 - 1 - 1 / 255, 2 * k / 255 - 1 + 1 / 255, 4001, dtype=torch.double)
+            u = ((t - mean) / s).abs()  # the density is symmetric; e^-|u| cannot overflow
+            density = torch.exp(-u) / (s * (1 + torch.exp(-u)) ** 2)
+            expected = torch.trapezoid(density, t).item()
+            assert abs(log_p[k].exp().item() - expected) <= 1e-6 * max(expected, 1e-12) + 1e-15, (mean, log_scale, k)
+        # the edge levels take the tails: P(0) = F(-1 + 1/255), P(255) = 1 - F(1 - 1/255)
+        log_sigmoid = lambda u: -(max(-u, 0.0) + math.log1p(math.exp(-abs(u))))  # log 1 / (1 + e^-u), in plain math
+        assert math.isclose(log_p[0].item(), log_sigmoid((-1 + 1 / 255 - mean) / s), rel_tol=1e-9)  # log F(t)
+        assert math.isclose(log_p[255].item(), log_sigmoid(-(1 - 1 / 255 - mean) / s), rel_tol=1e-9)  # log (1 - F(t))
+
+
+def test_discretised_logistic_is_stable_in_float32():
+    # a sharp logistic far from the pixel's bin, and a wide one: log P finite, with finite gradients
+    x = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.25]).view(5, 1, 1, 1)
+    decoded = torch.tensor([[5.0, -7.0], [-5.0, -7.0], [-0.9, -7.0], [0.0, 6.0], [-0.5, -20.0]]).view(5, 2, 1, 1).requires_grad_()
+    log_p = vae.discretised_logistic_log_likelihood(x, decoded)
+    log_p.sum().backward()
+    assert torch.isfinite(log_p).all() and torch.isfinite(decoded.grad).all()
+    assert log_p[2] < -100 and log_p[0] < -100 and log_p[1] < -100  # far out: tiny, but not -inf
+    reference = vae.discretised_logistic_log_likelihood(x.double(), decoded.detach().double())
+    assert torch.allclose(log_p.detach().double(), reference, rtol=1e-6, atol=1e-4)
+
+
+def test_discretised_logistic_mean_and_pixel_levels():
+    torch.manual_seed(0)
+    decoded = torch.cat([torch.randn(3, 1, 2, 2) * 0.8, torch.rand(3, 1, 2, 2) * 4 - 6], dim=1).double()
+    levels = torch.arange(256, dtype=torch.double).view(256, 1, 1, 1, 1)
+    mean = vae.discretised_logistic_mean(decoded)
+    for i in range(3):
+        for r in range(2):
+            for c in range(2):
+                one = decoded[i:i + 1, :, r:r + 1, c:c + 1]
+                p = vae.discretised_logistic_log_likelihood(levels.view(256, 1, 1, 1) / 255, one).exp()
+                assert math.isclose(mean[i, 0, r, c].item(), (p * levels.view(256)).sum().item() / 255, rel_tol=1e-9)
+    assert 0 <= mean.min() and mean.max() <= 1
+    k = torch.arange(256.0)
+    u = torch.rand(256)
+    assert torch.equal(vae.pixel_levels(k / 255), k)  # training images
+    assert torch.equal(vae.pixel_levels((k + u) / 256), k)  # evaluate.py's dequantised images
+    assert torch.equal(vae.pixel_levels(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 255.0]))
+
+
+def test_dlogistic_decoder_gives_exact_discrete_bits_per_dim():
+    import evaluate
+
+    torch.manual_seed(0)
+    models = vae.build_models(config(hidden=32, latent_dim=4, recon="dlogistic"))
+    for m in models.values():
+        m.eval()
+    assert models["decoder"](torch.randn(2, 4)).shape == (2, 2, 28, 28)  # mean and log-scale maps
+    images, _ = vae.load_images(str(REPO / "data"), "mnist5k", "test", 28)
+    images = images[::100][:6]
+    x = vae.to_unit_interval(images)
+    dequantised = (images.float() + torch.rand(images.shape)) / 256
+    torch.manual_seed(1)
+    log_w = vae.log_importance_weights(models, x, 5)
+    torch.manual_seed(1)
+    assert torch.equal(vae.log_importance_weights(models, dequantised, 5), log_w)  # the noise leaves no trace
+    # each weight is log P(x | z) + D log 256 + log p(z) - log q(z|x) with the discrete P
+    torch.manual_seed(1)
+    mu, logvar, h = models["encoder"](x)
+    z, log_q = vae.posterior_samples(mu, logvar, h, None, 5)
+    log_P = vae.discretised_logistic_log_likelihood(x, models["decoder"](z.flatten(0, 1)).view(5, 6, 2, 28, 28))
+    assert torch.allclose(log_w, log_P + 784 * math.log(256) + vae.log_standard_normal(z) - log_q, rtol=1e-6)
+    # evaluate.py's bits/dim is then -log2 P / D whatever its dequantisation noise (its seed)
+    torch.manual_seed(2)
+    a = evaluate.bits_per_dim(vae, models, images, 8, 6, "cpu", seed=0)
+    torch.manual_seed(2)
+    b = evaluate.bits_per_dim(vae, models, images, 8, 6, "cpu", seed=1)
+    assert a == b and 0 < a < 8
+    torch.manual_seed(2)
+    log_w = vae.log_importance_weights(models, x, 8).double()
+    direct = -((torch.logsumexp(log_w, 0) - math.log(8)) - 784 * math.log(256)) / (784 * math.log(2))
+    assert math.isclose(a, direct.mean().item(), rel_tol=1e-9)
 
 
 def test_vae_loss_is_reconstruction_plus_weighted_kl():
@@ -170,6 +280,34 @@ def test_flow_logdet_equals_autograd_jacobian(kind):
         jacobian = torch.autograd.functional.jacobian(lambda z: flow(z[None], h)[0][0], z0)
         sign, logabsdet = torch.linalg.slogdet(jacobian)
         assert sign != 0 and torch.allclose(logdet[0], logabsdet, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["planar", "iaf"])
+def test_flow_posterior_density_is_a_change_of_variables(kind):
+    # log q(z_K|x) from posterior_samples against log q0(z_0|x) - log |det dz_K/dz_0|, the determinant taken from
+    # autograd's Jacobian of the flow at the same z_0: a flipped sign of the log-det correction fails
+    torch.manual_seed(0)
+    L, context, k = 3, 5, 4
+    flow = vae.PlanarFlow(L, 3) if kind == "planar" else vae.InverseAutoregressiveFlow(L, 2, 8, context)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    flow.double()
+    mu, logvar, h = torch.randn(2, L, dtype=torch.double), torch.randn(2, L, dtype=torch.double) * 0.5, torch.randn(2, context, dtype=torch.double)
+    torch.manual_seed(1)
+    z, log_q = vae.posterior_samples(mu, logvar, h, flow, k)
+    torch.manual_seed(1)
+    eps = torch.randn(k, 2, L).double()  # the same draws as posterior_samples (float32 noise)
+    z0 = mu + (0.5 * logvar).exp() * eps
+    base = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    for j in range(k):
+        for n in range(2):
+            jacobian = torch.autograd.functional.jacobian(lambda v: flow(v[None], h[n:n + 1])[0][0], z0[j, n])
+            _, logabsdet = torch.linalg.slogdet(jacobian)
+            expected = base.log_prob(z0[j])[n].sum() - logabsdet
+            assert torch.allclose(z[j, n], flow(z0[j, n][None], h[n:n + 1])[0][0])
+            assert torch.allclose(log_q[j, n], expected, atol=1e-9), (j, n)
+            assert abs(logabsdet) > 1e-3  # the correction is not zero, so its sign matters
 
 
 def test_planar_flow_stays_invertible_and_iaf_step_is_autoregressive():
@@ -287,7 +425,8 @@ def test_conv_iwae_planar_variant_trains_and_loads(tiny_mnist, tmp_path):
 
 
 def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
-    common = ["--data_dir", tiny_mnist, "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15", *TINY]
+    common = ["--data_dir", tiny_mnist, "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15",
+              "--dtype", "float32", *TINY]
     straight = tmp_path / "straight"
     run_script("vae.py", "--out_dir", straight, "--max_iters", "40", *common)
     expected = {r["step"]: r for r in read_log(straight)}
@@ -330,6 +469,112 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     check_interface(ckpt, 28)  # an MLP with an IAF posterior and a Gaussian decoder
 
 
+def test_default_image_size_follows_the_architecture(tiny_mnist, tmp_path):
+    # the conv VAE on digits is 32 x 32 (CSI5340 assignment 4), the MLP keeps 28 x 28 (CIS 680 Table 1)
+    tiny_conv = [flag for flag in TINY_CONV if flag not in ("--img_size", "32")]
+    for arch, flags, size in (("conv", tiny_conv, 32), ("mlp", TINY, 28)):
+        out = tmp_path / arch
+        vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "1", "--dtype", "float32", *flags])
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ckpt["config"]["arch"] == arch and ckpt["config"]["img_size"] == size
+        assert json.loads((out / "config.json").read_text())["img_size"] == size
+        check_interface(ckpt, size)
+
+
+def test_dlogistic_trains_and_reports_through_the_interface(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "8", "--log_interval", "4",
+              "--recon", "dlogistic", "--lr", "3e-3", *TINY])
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [4, 8] and rows[1]["loss"] < rows[0]["loss"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    check_interface(ckpt, 28)
+    models = vae.load_models(ckpt, "cpu")
+    z = vae.sample_latent(ckpt["config"], 3, "cpu")
+    with torch.no_grad():
+        decoded = models["decoder"](z)
+    assert decoded.shape == (3, 2, 28, 28)
+    assert torch.equal(vae.generate(models, z), vae.discretised_logistic_mean(decoded))  # the mean, in [0, 1]
+
+
+def test_bfloat16_trains_a_few_steps(tiny_mnist, tmp_path):
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3", "--log_interval", "1",
+                  "--recon", "dlogistic", "--dtype", dtype, *TINY_CONV])
+        rows = read_log(out)
+        assert len(rows) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+        losses[dtype] = [r["loss"] for r in rows]
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert all(t.dtype == torch.float32 for m in ckpt["models"].values() for t in m.values() if t.is_floating_point())
+    # the same draws, computed in bfloat16: close to the float32 losses, but not equal to them
+    assert losses["bfloat16"] != losses["float32"]
+    assert np.allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
+
+
+def test_log_after_resume_between_log_steps_equals_the_straight_run(tiny_mnist, tmp_path, monkeypatch):
+    common = ["--data_dir", str(tiny_mnist), "--log_interval", "4", "--ckpt_interval", "3", "--sample_interval", "1000",
+              "--dtype", "float32", *TINY]
+    vae.main(["--out_dir", str(tmp_path / "straight"), "--max_iters", "10", *common])
+    expected = read_log(tmp_path / "straight")
+    assert [r["step"] for r in expected] == [4, 8, 10]
+
+    class Killed(Exception):
+        pass
+
+    save = vae.save_checkpoint
+
+    def save_then_die_at_step_6(ckpt, path):
+        save(ckpt, path)
+        if ckpt["step"] == 6:
+            raise Killed
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(vae, "save_checkpoint", save_then_die_at_step_6)
+    with pytest.raises(Killed):
+        vae.main(["--out_dir", str(interrupted), "--max_iters", "10", *common])
+    monkeypatch.setattr(vae, "save_checkpoint", save)
+    ckpt = torch.load(interrupted / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["log_window"]["steps"] == 2  # steps 5 and 6, not yet logged
+    vae.main(["--out_dir", str(interrupted), "--max_iters", "10", "--resume", *common])
+    rows = read_log(interrupted)
+    assert [r["step"] for r in rows] == [4, 8, 10]
+    for r, e in zip(rows, expected):
+        for key in ("loss", "recon", "kl", "test_mse"):
+            assert r.get(key) == e.get(key), (r["step"], key)
+
+
+def test_empty_test_split_trains_without_test_metrics(tiny_mnist, tmp_path, capsys):
+    # data/folder/prepare.py --test_size 0 writes a test split of no images
+    folder = tiny_mnist / "mnist5k"
+    np.save(folder / "test.npy", np.zeros((0, 28, 28, 1), dtype=np.uint8))
+    np.save(folder / "test_labels.npy", np.zeros(0, dtype=np.int64))
+    out = tmp_path / "run"
+    vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "4", "--log_interval", "2",
+              "--sample_interval", "2", "--dtype", "float32", *TINY])
+    assert "test split of mnist5k is empty" in capsys.readouterr().out
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [2, 4] and not any("test_mse" in r for r in rows)
+    for name in ("ckpt.pt", "reconstructions.png", "latents.png", "samples/step_000004.png"):
+        assert (out / name).exists(), name
+    assert not (out / "ckpt_best.pt").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["best_test_mse"] == float("inf")
+
+
+def test_mse_of_reconstructions_is_the_mean_over_pixels_of_the_split():
+    torch.manual_seed(0)
+    models = vae.build_models(config(hidden=16, latent_dim=3))
+    for m in models.values():
+        m.eval()
+    images, _ = vae.load_images(str(REPO / "data"), "mnist5k", "test", 28)
+    images = images[:7]
+    x = vae.to_unit_interval(images)
+    expected = (vae.generate(models, vae.encode(models, x)[0]) - x).pow(2).mean().item()
+    assert math.isclose(vae.mse_of_reconstructions(models, images, chunk=3), expected, rel_tol=1e-5)
+    assert not hasattr(vae, "reconstruction_mse")
+
+
 # --- checkpoints and bad input -------------------------------------------------------------
 
 
@@ -368,10 +613,68 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
     assert "python " in line and "celeba/prepare.py" in line
 
 
-@pytest.mark.parametrize("flags,message", [(["--arch", "conv", "--img_size", "28"], "--img_size 28"),
-                                           (["--iw_k", "0"], "--iw_k 0"), (["--kl_weight", "-1"], "--kl_weight -1")])
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "conv", "--img_size", "28"], "--img_size 28 is not supported"), (["--iw_k", "0"], "--iw_k 0"),
+    (["--kl_weight", "-1"], "--kl_weight -1"), (["--batch_size", "0"], "--batch_size 0"), (["--max_iters", "-5"], "--max_iters -5"),
+    (["--latent_dim", "0"], "--latent_dim 0"), (["--hidden", "-1"], "--hidden -1"), (["--img_size", "0"], "--img_size 0"),
+    (["--arch", "conv", "--width", "0"], "--width 0"), (["--flow", "iaf", "--flow_length", "0"], "--flow_length 0"),
+    (["--flow_hidden", "-2"], "--flow_hidden -2"), (["--log_interval", "0"], "--log_interval 0"),
+    (["--sample_interval", "-1"], "--sample_interval -1"), (["--ckpt_interval", "0"], "--ckpt_interval 0"), (["--lr", "0"], "--lr 0"),
+])
 def test_bad_flags(tiny_mnist, tmp_path, capsys, flags, message):
-    assert message in error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(tmp_path / "o"), *flags])
+    # into the out_dir of an earlier run: nothing it saved may change
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert message in error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), *flags])
+    assert (out / "ckpt.pt").read_bytes() == b"an earlier run's checkpoint"
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+
+
+def test_unwritable_out_dir(tiny_mnist, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(blocker / "run"), "--max_iters", "1", *TINY])
+    assert line.startswith("vae.py: error: cannot write to --out_dir") and str(blocker / "run") in line
+    assert blocker.read_text() == "not a folder"
+    if os.geteuid() != 0:  # root writes through permission bits
+        read_only = tmp_path / "read_only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        try:
+            line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(read_only), "--max_iters", "1", *TINY])
+            assert "cannot write to --out_dir" in line and os.listdir(read_only) == []
+        finally:
+            read_only.chmod(0o755)
+
+
+def test_checkpoint_of_another_script_to_resume(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5, "models": {}}, out / "ckpt.pt")
+    saved = (out / "ckpt.pt").read_bytes()
+    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
+    assert "'dcgan' checkpoint, not vae" in line
+    assert (out / "ckpt.pt").read_bytes() == saved and os.listdir(out) == ["ckpt.pt"]
+
+
+def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--dtype", "float32", *TINY]
+    vae.main(["--max_iters", "2", "--lr", "1e-3", *common])
+    capsys.readouterr()
+    saved = (out / "ckpt.pt").read_bytes()
+    line = error_line(capsys, ["--max_iters", "4", "--resume", "--latent_dim", "8", *common])
+    assert "--latent_dim cannot change in a resumed run" in line
+    assert (out / "ckpt.pt").read_bytes() == saved
+    vae.main(["--max_iters", "3", "--resume", *common])  # no --lr typed: the checkpoint's 1e-3
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["lr"] == 1e-3 and ckpt["optimizers"]["vae"]["param_groups"][0]["lr"] == 1e-3
+    vae.main(["--max_iters", "4", "--resume", "--lr", "2e-4", *common])  # typed, though it is the default
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"]["lr"] == 2e-4 and ckpt["optimizers"]["vae"]["param_groups"][0]["lr"] == 2e-4
 
 
 def test_corrupt_checkpoint_to_resume(tiny_mnist, tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,8 +26,9 @@ def config(**kw):
 
 
 def read_log(out_dir):
+    """The complete rows of log.jsonl (a run being killed may have half-written the last one)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def main_error(capsys, *argv):
@@ -74,7 +76,7 @@ def test_critic_is_the_dcgan_discriminator_without_sigmoid():
         D.net[-1].weight.mul_(1000)
         scores = D(torch.randn(8, 3, 64, 64))
     assert scores.abs().max() > 1
-    # the generator is the DCGAN one of seed 000 Table 2
+    # the generator is the DCGAN one of CIS 680 assignment 4, Table 2
     G = wgan.build_models(config(img_size=64, channels=3, ngf=128, nz=100))["G"]
     assert [m.out_channels for m in G.modules() if isinstance(m, nn.ConvTranspose2d)] == [1024, 512, 256, 128, 3]
 
@@ -201,12 +203,11 @@ def test_penalty_under_bf16_autocast_is_float32():
 
 
 def resolved(*argv):
-    _, args = wgan.get_args(list(argv))
-    config = vars(args)
+    config = vars(wgan.get_args(list(argv)))
     return config, wgan.resolve_mode_defaults(config)
 
 
-def test_mode_defaults_come_from_the_papers():
+def test_mode_defaults_come_from_the_papers(capsys):
     gp, error = resolved()
     assert error is None and gp["mode"] == "gp"
     assert (gp["lr"], gp["beta1"], gp["beta2"], gp["n_critic"], gp["gp_weight"], gp["critic_norm"]) == (1e-4, 0.0, 0.9, 5, 10.0, "layer")
@@ -215,8 +216,20 @@ def test_mode_defaults_come_from_the_papers():
     assert resolved("--lr", "3e-4")[0]["lr"] == 3e-4
     assert "Arjovsky" in resolved("--mode", "clip", "--beta1", "0.5")[1]
     assert "--critic_norm batch" in resolved("--critic_norm", "batch")[1]
-    help_text = wgan.get_args([])[0].format_help()
-    assert "Gulrajani" in help_text and "Arjovsky" in help_text and "0.05" in help_text
+    assert "--beta1 1.5" in resolved("--beta1", "1.5")[1]
+    with pytest.raises(SystemExit):
+        wgan.get_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "Gulrajani" in help_text and "Arjovsky" in help_text and "0.05" in help_text and "Zhao" in help_text
+    args = wgan.get_args([])
+    assert (args.augment, args.ema_decay) == ("translation,cutout", 0.999)
+    with pytest.raises(SystemExit):
+        wgan.get_args(["--max_iter", "5"])  # no abbreviations: typed flags are matched by name on --resume
+
+
+def test_no_handout_file_names_reach_users():
+    text = (REPO / "wgan.py").read_text()
+    assert "seed 00" not in text
 
 
 def test_gp_with_batch_norm_is_refused(tiny_mnist, tmp_path, capsys):
@@ -228,23 +241,28 @@ def test_gp_with_batch_norm_is_refused(tiny_mnist, tmp_path, capsys):
 # --- training runs -------------------------------------------------------------------------
 
 
-def test_clip_mode_keeps_every_weight_within_the_bound_after_every_critic_step(tiny_mnist, tmp_path, monkeypatch, one_thread):
+def train(*argv):
+    """wgan.main in this process (use with the one_thread fixture)."""
+    wgan.main([str(a) for a in argv])
+
+
+def test_clip_mode_critic_only_ever_sees_clipped_weights(tiny_mnist, tmp_path, monkeypatch, one_thread):
     clip, records = 0.01, []
-    original = wgan.critic_step
+    original = wgan.Critic.forward
 
-    def checked_critic_step(D, *args, **kwargs):
-        result = original(D, *args, **kwargs)
-        records.append(max(p.abs().max().item() for p in D.parameters()))
-        return result
+    def recording_forward(self, x):
+        records.append(max(p.abs().max().item() for p in self.parameters()))
+        return original(self, x)
 
-    monkeypatch.setattr(wgan, "critic_step", checked_critic_step)
+    monkeypatch.setattr(wgan.Critic, "forward", recording_forward)
     out = tmp_path / "clip"
     # a learning rate large enough that unclipped weights would leave the bound at once
-    wgan.main(["--mode", "clip", "--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3", "--n_critic", "3",
-               "--lr", "0.05", "--clip", str(clip), "--log_interval", "1", *TINY])
-    assert len(records) == 9
-    assert all(r <= clip for r in records)
-    assert max(records) == pytest.approx(clip)  # the bound is reached, so the clipping did something
+    train("--mode", "clip", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 3, "--n_critic", 3,
+          "--lr", 0.05, "--clip", clip, "--log_interval", 1, *TINY)
+    assert len(records) == 3 * (3 * 2 + 1)  # each iteration: real and fake in 3 critic updates, then G's fakes
+    assert records[0] > clip  # the initial weights (batch-norm scales near 1) are not clipped before the first update
+    assert all(r <= clip for r in records[2:])  # after every update, clipped before the critic is used again
+    assert max(records[2:]) == pytest.approx(clip)  # the bound is reached, so the clipping did something
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["lr"] == 0.05 and ckpt["config"]["critic_norm"] == "batch"
     bn = [k for k in ckpt["models"]["D"] if k.endswith(".weight") and ckpt["models"]["D"][k].dim() == 1]
@@ -253,6 +271,55 @@ def test_clip_mode_keeps_every_weight_within_the_bound_after_every_critic_step(t
     assert "square_avg" in ckpt["optimizers"]["D"]["state"][0]  # RMSprop
     rows = read_log(out)
     assert all(r["gp"] == 0 for r in rows) and len(rows) == 3
+
+
+def test_one_generator_forward_per_critic_update(tiny_mnist, tmp_path, monkeypatch, one_thread):
+    calls = []
+    original = wgan.Generator.forward
+
+    def recording_forward(self, z):
+        calls.append((z.shape[0], torch.is_grad_enabled()))
+        return original(self, z)
+
+    monkeypatch.setattr(wgan.Generator, "forward", recording_forward)
+    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", "--max_iters", 2, "--n_critic", 3, "--ema_decay", 0, *TINY)
+    training = [grad for n, grad in calls if n == 16]  # the 36-image sample grid aside
+    # fresh fakes for each critic update, the last with their graph, reused by G's update: none extra
+    assert training == [False, False, True] * 2
+
+
+def test_the_critic_sees_augmented_images_and_the_penalty_interpolates_them(tiny_mnist, tmp_path, monkeypatch, one_thread):
+    augmented, penalised = [], []
+    original_augment, original_penalty = wgan.diff_augment, wgan.gradient_penalty
+
+    def recording_augment(x, policy):
+        out = original_augment(x, policy)
+        augmented.append((list(policy), x.requires_grad, x, out))
+        return out
+
+    def recording_penalty(critic, real, fake, eps=None):
+        penalised.append((real, fake))
+        return original_penalty(critic, real, fake, eps)
+
+    monkeypatch.setattr(wgan, "diff_augment", recording_augment)
+    monkeypatch.setattr(wgan, "gradient_penalty", recording_penalty)
+    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "aug", "--max_iters", 1, "--n_critic", 2, *TINY)
+    # real and fake in each of the 2 critic updates, then G's fakes, with their graph
+    assert [(policy, grad) for policy, grad, _, _ in augmented] == [(["translation", "cutout"], False)] * 4 + [(["translation", "cutout"], True)]
+    assert all(not torch.equal(x, out) for _, _, x, out in augmented)
+    assert len(penalised) == 2
+    for (real, fake), real_seen, fake_seen in zip(penalised, augmented[0:4:2], augmented[1:4:2]):
+        assert real is real_seen[3] and fake is fake_seen[3]
+
+    # the papers' plain training: nothing augmented, no averaged generator
+    augmented.clear()
+    out = tmp_path / "plain"
+    train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 1, "--n_critic", 2, "--augment", "none", "--ema_decay", 0, *TINY)
+    assert len(augmented) == 5 and all(policy == [] and x is y for policy, _, x, y in augmented)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert "ema" not in ckpt
+    G = wgan.load_models(ckpt, "cpu")["G"]
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in ckpt["models"]["G"].items())
 
 
 def test_training_writes_every_output(tiny_mnist, tmp_path):
@@ -283,9 +350,52 @@ def test_training_writes_every_output(tiny_mnist, tmp_path):
     assert Image.open(out / "samples/step_000006.png").size == (6 * 34 + 2, 6 * 34 + 2)  # 6x6 grid, 2 px padding
 
 
-def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path, one_thread):
+def test_the_averaged_generator_is_saved_used_for_grids_and_loaded(tiny_mnist, tmp_path, one_thread):
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import save_image
+    out = tmp_path / "ema"
+    train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 4, "--n_critic", 1, "--dtype", "float32", *TINY)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ema, trained = ckpt["ema"]["G"], ckpt["models"]["G"]
+    assert ema.keys() == trained.keys()
+    assert not torch.equal(ema["net.0.weight"], trained["net.0.weight"])
+    assert not torch.equal(ema["net.1.running_mean"], trained["net.1.running_mean"])  # statistics of its own
+    G = wgan.load_models(ckpt, "cpu")["G"]
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in ema.items())  # evaluate.py and interpolate.py get it
+
+    def grid_of(generator):
+        with torch.no_grad():
+            save_image(generator(ckpt["fixed_noise"]).add(1).div(2), tmp_path / "grid.png", nrow=6, padding=2)
+        return np.asarray(Image.open(tmp_path / "grid.png")).astype(int)
+
+    saved = np.asarray(Image.open(out / "samples/step_000004.png")).astype(int)
+    assert np.abs(saved - grid_of(G)).max() <= 1  # the grid is the averaged generator's
+    plain = wgan.build_models(ckpt["config"])["G"]
+    plain.load_state_dict(trained)
+    assert np.abs(saved - grid_of(plain.eval())).max() > 16
+
+
+def test_bfloat16_trains(tiny_mnist, tmp_path, one_thread):
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        train("--data_dir", tiny_mnist, "--out_dir", tmp_path / dtype, "--max_iters", 3, "--n_critic", 2, "--log_interval", 1,
+              "--dtype", dtype, *TINY)
+        rows[dtype] = read_log(tmp_path / dtype)
+    assert len(rows["bfloat16"]) == 3
+    assert all(math.isfinite(r[k]) for r in rows["bfloat16"] for k in ("loss_D", "wasserstein", "gp", "loss_G"))
+    first_bf16, first_fp32 = rows["bfloat16"][0], rows["float32"][0]
+    assert first_bf16["loss_D"] != first_fp32["loss_D"]  # autocast did compute in bfloat16
+    assert first_bf16["loss_D"] == pytest.approx(first_fp32["loss_D"], rel=0.05)  # the same step, to bf16's precision
+    assert first_bf16["gp"] == pytest.approx(first_fp32["gp"], rel=0.05)
+    ckpt = torch.load(tmp_path / "bfloat16" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for group in (ckpt["models"]["G"], ckpt["ema"]["G"]) for v in group.values() if v.is_floating_point())
+
+
+def test_sigkill_then_resume_gives_identical_losses_and_weights(tiny_mnist, tmp_path, one_thread):
     common = ["--data_dir", str(tiny_mnist), "--log_interval", "1", "--ckpt_interval", "5", "--sample_interval", "1000",
-              "--n_critic", "2", *TINY]
+              "--n_critic", "2", "--dtype", "float32", *TINY]
     straight = tmp_path / "straight"
     wgan.main(["--out_dir", str(straight), "--max_iters", "20", *common])
     expected = {r["step"]: (r["loss_D"], r["gp"], r["loss_G"]) for r in read_log(straight)}
@@ -306,8 +416,53 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path, one_th
     wgan.main(["--out_dir", str(killed), "--max_iters", "20", "--resume", *common])
     rows = read_log(killed)
     assert [r["step"] for r in rows] == list(range(1, 21))  # lines after the checkpoint were replaced, not duplicated
-    for r in rows:  # the penalty's random eps included
+    for r in rows:  # the penalty's random eps and the augmentations included
         assert (r["loss_D"], r["gp"], r["loss_G"]) == expected[r["step"]], r["step"]
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, killed))
+    assert a["step"] == b["step"] == 20
+    for part in ("ema", "models"):
+        for name in a[part]:
+            assert a[part][name].keys() == b[part][name].keys()
+            assert all(torch.equal(v, b[part][name][k]) for k, v in a[part][name].items()), (part, name)
+
+
+def test_resume_between_log_lines_gives_the_same_log(tiny_mnist, tmp_path, monkeypatch, one_thread):
+    common = ["--data_dir", tiny_mnist, "--max_iters", 8, "--log_interval", 4, "--ckpt_interval", 3, "--sample_interval", 1000,
+              "--n_critic", 2, "--dtype", "float32", *TINY]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train("--out_dir", straight, *common)
+    original = wgan.save_checkpoint
+
+    def save_then_stop(ckpt, path):  # a run killed just after its checkpoint at step 3, between the log lines 0 and 4
+        original(ckpt, path)
+        if ckpt["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(wgan, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train("--out_dir", stopped, *common)
+    monkeypatch.undo()
+    assert torch.load(stopped / "ckpt.pt", weights_only=True)["log_window"]["steps"] == 3
+    train("--out_dir", stopped, "--resume", *common)
+
+    def losses(out):
+        return [(r["step"], r["loss_D"], r["wasserstein"], r["gp"], r["loss_G"]) for r in read_log(out)]
+
+    assert [row[0] for row in losses(straight)] == [4, 8]
+    assert losses(stopped) == losses(straight)  # step 4's line averages steps 1-3 of the first run and 4 of the second
+
+
+def test_resume_takes_typed_flags_even_at_their_default_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys, one_thread):
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--n_critic", 1, *TINY]
+    train("--max_iters", 2, "--log_interval", 1, *common)
+    saved = {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl", "config.json")}
+    line = main_error(capsys, "--max_iters", 4, "--resume", *common, "--nz", 16)
+    assert "--nz cannot change in a resumed run" in line and "8" in line
+    assert {name: (out / name).read_bytes() for name in saved} == saved  # nothing touched
+    train("--max_iters", 4, "--resume", "--log_interval", 25, *common)  # 25 is the default, typed: it counts
+    assert [r["step"] for r in read_log(out)] == [1, 2, 4]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["log_interval"] == 25
 
 
 DDP_GRADIENT_CHECK = r'''
@@ -353,6 +508,7 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert not any(k.startswith("module.") for k in ckpt["models"]["D"])  # saved without the DDP wrapper
+    assert ckpt["ema"]["G"].keys() == ckpt["models"]["G"].keys()
     rows = read_log(out)
     assert len(rows) == 3 and all(r["gp"] > 0 and abs(r["loss_D"]) < 1e3 for r in rows)  # only rank 0 writes
 
@@ -366,13 +522,43 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
 
 
 def test_unsupported_image_size_and_bad_flags(tiny_mnist, tmp_path, capsys):
-    assert "--img_size 48" in main_error(capsys, "--data_dir", tiny_mnist, "--img_size", "48", "--out_dir", tmp_path / "o")
-    assert "--n_critic 0" in main_error(capsys, "--data_dir", tiny_mnist, "--n_critic", "0", "--out_dir", tmp_path / "o")
-    assert "--clip -0.01" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--clip", "-0.01", "--out_dir", tmp_path / "o")
-    assert "RMSprop" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--beta1", "0.5", "--out_dir", tmp_path / "o")
+    out = tmp_path / "o"
+    assert "--img_size 48" in main_error(capsys, "--data_dir", tiny_mnist, "--img_size", "48", "--out_dir", out)
+    assert "--clip -0.01" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--clip", "-0.01", "--out_dir", out)
+    assert "RMSprop" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--beta1", "0.5", "--out_dir", out)
+    assert "--beta2 1.0" in main_error(capsys, "--data_dir", tiny_mnist, "--beta2", "1.0", "--out_dir", out)
+    assert "--ema_decay 1.0" in main_error(capsys, "--data_dir", tiny_mnist, "--ema_decay", "1.0", "--out_dir", out)
+    assert "--augment flip: unknown flip" in main_error(capsys, "--data_dir", tiny_mnist, "--augment", "flip", "--out_dir", out)
+    assert not out.exists()
 
 
-def test_corrupt_or_foreign_checkpoint_to_resume(tiny_mnist, tmp_path, capsys):
+def test_zero_or_negative_sizes_and_counts(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    for flag, value in [("--batch_size", 0), ("--max_iters", -1), ("--log_interval", 0), ("--sample_interval", 0),
+                        ("--ckpt_interval", -5), ("--nz", 0), ("--ngf", 0), ("--ndf", -2), ("--n_critic", 0), ("--lr", 0.0),
+                        ("--gp_weight", -1.0)]:
+        line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 1, "--n_critic", 1, *TINY, flag, value)
+        assert line.startswith("wgan.py: error:") and f"{flag} {value} must be positive" in line, line
+    assert not out.exists()
+
+
+def test_unwritable_out_dir_and_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "cannot write to --out_dir" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", blocker / "o", *TINY)
+    if os.geteuid() != 0:  # permissions do not bind root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "cannot write to --out_dir" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", locked, *TINY)
+    # the checkpoint cannot be written (here ckpt.pt is a folder in the way)
+    out = tmp_path / "o"
+    (out / "ckpt.pt").mkdir(parents=True)
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 1, "--n_critic", 1, *TINY)
+    assert "cannot save" in line and "previous checkpoint is kept" in line
+    assert (out / "ckpt.pt").is_dir() and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsys, one_thread):
     out = tmp_path / "o"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
@@ -380,6 +566,15 @@ def test_corrupt_or_foreign_checkpoint_to_resume(tiny_mnist, tmp_path, capsys):
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
     torch.save({"script": "dcgan", "format": 1}, out / "dcgan.pt")
     assert "not wgan" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", out / "dcgan.pt", *TINY)
+    # a checkpoint of the first wgan.py, which kept no log window
+    old = tmp_path / "old"
+    train("--data_dir", tiny_mnist, "--out_dir", old, "--max_iters", 1, "--n_critic", 1, *TINY)
+    ckpt = torch.load(old / "ckpt.pt", weights_only=True)
+    del ckpt["log_window"]
+    torch.save(ckpt, old / "ckpt.pt")
+    saved = (old / "ckpt.pt").read_bytes()
+    assert "older wgan.py" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", old, "--resume", "--max_iters", 2, *TINY)
+    assert (old / "ckpt.pt").read_bytes() == saved
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
@@ -390,6 +585,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, cap
     assert "non-finite loss" in main_error(capsys, "--max_iters", "20", "--resume", "--lr", "1e30", *common)
     assert (out / "ckpt.pt").read_bytes() == good
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys, one_thread):
+    # step 3's losses come before its updates; G's update then leaves NaN weights, which only the weights' check sees
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--ckpt_interval", 1, "--log_interval", 100, "--n_critic", 1, *TINY]
+    train("--max_iters", 2, *common)
+    good = (out / "ckpt.pt").read_bytes()
+    original = wgan.update_ema
+
+    def poisoning_update(ema, G, decay):
+        with torch.no_grad():
+            next(G.parameters()).fill_(float("nan"))
+        original(ema, G, decay)
+
+    monkeypatch.setattr(wgan, "update_ema", poisoning_update)
+    assert "non-finite loss or weights by step 3" in main_error(capsys, "--max_iters", 3, "--resume", *common)
+    assert (out / "ckpt.pt").read_bytes() == good
 
 
 def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
