@@ -468,11 +468,10 @@ def plot_curves(log_path, png_path, keys):
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, group in zip(axes[0], keys):
-        for key in group:
-            ax.plot(steps, [r[key] for r in rows], label=key)
+        for key in group:  # some keys (a test metric) are only in some rows
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
         ax.set_xlabel("step")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -550,14 +549,16 @@ def resume_config(config, argv):
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--resume: {e}")
-    if ckpt.get("script") != SCRIPT:
-        fail(f"--resume: {path} is a {ckpt.get('script')!r} checkpoint, not {SCRIPT}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        kind = ckpt.get("script") if isinstance(ckpt, dict) else None
+        fail(f"--resume: {path} is not a {SCRIPT} checkpoint" + (f" but a {kind} one" if kind else ""))
     typed = typed_flags(argv)
     fixed = sorted(k for k in typed - set(RESUMABLE_OVERRIDES) if k in ckpt["config"] and config[k] != ckpt["config"][k])
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r}); "
              f"start a new run in another --out_dir instead")
-    return ckpt, {**ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
+    # flags newer than the checkpoint keep their defaults
+    return ckpt, {**config, **ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
 
 
 def prepare_out_dir(config, step):
@@ -783,7 +784,7 @@ def main(argv=None):
 
     curve_keys = [("loss_D", "loss_G"), ("D_x", "D_G_z1", "D_G_z2"), aux_keys]
     ema_weights = list(ema_G.parameters()) if ema_G is not None else []  # saved too: checked with G's and D's
-    t0 = time.perf_counter()
+    t0, timed_steps = time.perf_counter(), 0  # the timer restarts with the process, the window may not
     while step < config["max_iters"]:
         # (1) Update D: the right source of real and fake images, plus (ACGAN) the right class of both, or
         # (InfoGAN) the codes of the fakes: as in Chen et al.'s code, the information term trains Q and the shared body here
@@ -832,6 +833,7 @@ def main(argv=None):
                 window["loss_info"] += loss_info.detach()
                 window["acc_code"] += code_accuracy(fake_aux_G, z, config)
         window_steps += 1
+        timed_steps += 1
 
         is_last = step == config["max_iters"]
         is_log = step % config["log_interval"] == 0 or is_last
@@ -843,14 +845,14 @@ def main(argv=None):
             if master:
                 seconds = time.perf_counter() - t0
                 row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
-                       "ms_per_step": 1000 * seconds / window_steps,
-                       "images_per_s": window_steps * config["batch_size"] / seconds}
+                       "ms_per_step": 1000 * seconds / timed_steps,
+                       "images_per_s": timed_steps * config["batch_size"] / seconds}
                 if device.type == "cuda":
                     row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 write_log_row(log_path, row, config["max_iters"])
             for v in window.values():
                 v.zero_()
-            window_steps, t0 = 0, time.perf_counter()
+            window_steps, timed_steps, t0 = 0, 0, time.perf_counter()
         if master and (is_sample or is_ckpt):
             generator = sample_generator()
             if is_sample:

@@ -359,11 +359,10 @@ def plot_curves(log_path, png_path, keys):
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, group in zip(axes[0], keys):
-        for key in group:
-            ax.plot(steps, [r[key] for r in rows], label=key)
+        for key in group:  # some keys (a test metric) are only in some rows
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
         ax.set_xlabel("step")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -514,7 +513,7 @@ def get_args(argv=None):
                    help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
     p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan"],
                    help="GAN loss: non-saturating (the log-D trick), minimax (Goodfellow et al. 2014 eq. 1), least squares (Mao et al. 2017)")
-    p.add_argument("--batch_size", type=int, default=128, help="images per D step, over all processes")
+    p.add_argument("--batch_size", type=int, default=64, help="images per D step, over all processes (the handouts: 128)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
@@ -523,10 +522,10 @@ def get_args(argv=None):
     p.add_argument("--augment", default="translation,cutout",
                    help="differentiable augmentation of D's inputs, real and fake (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=2000, help="training iterations (each: d_steps D then g_steps G updates)")
-    p.add_argument("--log_interval", type=int, default=50, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=250, help="iterations between sample grids (and curves.png)")
-    p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")
+    p.add_argument("--max_iters", type=int, default=10000, help="training iterations (each: d_steps D then g_steps G updates)")
+    p.add_argument("--log_interval", type=int, default=100, help="iterations between log.jsonl lines")
+    p.add_argument("--sample_interval", type=int, default=1000, help="iterations between sample grids (and curves.png)")
+    p.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints (one is always written at the end)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -609,6 +608,7 @@ def main(argv=None):
             ema_G.load_state_dict(ckpt["ema"]["G"])
 
     G_train, D_train = (torch.compile(G), torch.compile(D)) if config["compile"] else (G, D)
+    D_judge = D_train  # D as G's update uses it: outside DDP, since D's weights get no gradient there
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         G_train, D_train = DDP(G_train), DDP(D_train)
@@ -648,7 +648,7 @@ def main(argv=None):
         }
 
     loss_kind, nz = config["loss"], config["nz"]
-    t0 = time.perf_counter()
+    t0, timed_steps = time.perf_counter(), 0  # the timer restarts with the process, the window may not
     while step < config["max_iters"]:
         # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (or the least-squares form)
         for d_step in range(config["d_steps"]):
@@ -666,16 +666,18 @@ def main(argv=None):
             opt_D.step()
 
         # (2) Update G: make the updated D call its fakes real
+        D.requires_grad_(False)  # the gradient flows through D to G; D's own weight gradients would be wasted work
         for g_step in range(config["g_steps"]):
             if g_step > 0:
                 with autocast:
                     fake = G_train(torch.randn(local_batch, nz, device=device))
             with autocast:
-                fake_logits_G = D_train(diff_augment(fake, policy)).float()
+                fake_logits_G = D_judge(diff_augment(fake, policy)).float()
                 loss_G = generator_loss(loss_kind, fake_logits_G)
             opt_G.zero_grad(set_to_none=True)
             loss_G.backward()
             opt_G.step()
+        D.requires_grad_(True)
         if ema_G is not None:
             update_ema(ema_G, G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
         step += 1
@@ -687,25 +689,27 @@ def main(argv=None):
             window["D_G_z1"] += discriminator_output(loss_kind, fake_logits).mean()  # on fakes, in D's update
             window["D_G_z2"] += discriminator_output(loss_kind, fake_logits_G).mean()  # after D's update
         window_steps += 1
+        timed_steps += 1
 
         is_last = step == config["max_iters"]
         is_log = step % config["log_interval"] == 0 or is_last
         is_sample = master and (step % config["sample_interval"] == 0 or is_last)
         is_ckpt = step % config["ckpt_interval"] == 0 or is_last
-        if (is_log or is_ckpt) and not all_finite([*window.values(), *G.parameters(), *D.parameters()], ddp):
+        if (is_log or is_ckpt) and not all_finite([*window.values(), *G.parameters(), *D.parameters(),
+                                                    *(ema_G.parameters() if ema_G is not None else [])], ddp):
             fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {out_dir} is kept; try a lower --lr")
         if is_log:
             if master:
                 seconds = time.perf_counter() - t0
                 row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
-                       "ms_per_step": 1000 * seconds / window_steps,
-                       "images_per_s": window_steps * config["batch_size"] * config["d_steps"] / seconds}
+                       "ms_per_step": 1000 * seconds / timed_steps,
+                       "images_per_s": timed_steps * config["batch_size"] * config["d_steps"] / seconds}
                 if device.type == "cuda":
                     row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 write_log_row(log_path, row, config["max_iters"])
             for v in window.values():
                 v.zero_()
-            window_steps, t0 = 0, time.perf_counter()
+            window_steps, timed_steps, t0 = 0, 0, time.perf_counter()
         if master and (is_sample or is_ckpt):
             generator = sample_generator()
             if is_sample:

@@ -332,11 +332,10 @@ def plot_curves(log_path, png_path, keys):
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, group in zip(axes[0], keys):
-        for key in group:
-            ax.plot(steps, [r[key] for r in rows], label=key)
+        for key in group:  # some keys (a test metric) are only in some rows
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
         ax.set_xlabel("step")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -414,14 +413,16 @@ def resume_config(config, argv):
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--resume: {e}")
-    if ckpt.get("script") != SCRIPT:
-        fail(f"--resume: {path} is a {ckpt.get('script')!r} checkpoint, not {SCRIPT}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        kind = ckpt.get("script") if isinstance(ckpt, dict) else None
+        fail(f"--resume: {path} is not a {SCRIPT} checkpoint" + (f" but a {kind} one" if kind else ""))
     typed = typed_flags(argv)
     fixed = sorted(k for k in typed - set(RESUMABLE_OVERRIDES) if k in ckpt["config"] and config[k] != ckpt["config"][k])
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r}); "
              f"start a new run in another --out_dir instead")
-    return ckpt, {**ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
+    # flags newer than the checkpoint keep their defaults
+    return ckpt, {**config, **ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
 
 
 def prepare_out_dir(config, step):
@@ -512,12 +513,12 @@ def get_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=800, help="training iterations (each: one D update, then one G update)")
+    p.add_argument("--max_iters", type=int, default=1500, help="training iterations (each: one D update, then one G update)")
     p.add_argument("--log_interval", type=int, default=25, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=160,
+    p.add_argument("--sample_interval", type=int, default=300,
                    help="iterations between sample grids, progress strip, triplets, test MSE (each a log line) and curves.png")
     p.add_argument("--eval_images", type=int, default=1000, help="test images for the test MSE at each sample step (0: all; CIS 680: 1000)")
-    p.add_argument("--ckpt_interval", type=int, default=400, help="iterations between checkpoints (one is always written at the end)")
+    p.add_argument("--ckpt_interval", type=int, default=300, help="iterations between checkpoints (one is always written at the end)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -682,7 +683,7 @@ def main(argv=None):
         }
 
     loss_kind = config["gan_loss"]
-    t0 = time.perf_counter()
+    t0, timed_steps = time.perf_counter(), 0  # the timer restarts with the process, the window may not
     while step < config["max_iters"]:
         truth, low = draw_batch(data_gen)
         with autocast:
@@ -719,6 +720,7 @@ def main(argv=None):
             window["D_x"] += discriminator_output(loss_kind, real_scores).mean()
             window["D_G_y"] += discriminator_output(loss_kind, fake_scores).mean()  # on G's output, in D's update
         window_steps += 1
+        timed_steps += 1
 
         is_last = step == config["max_iters"]
         is_sample = step % config["sample_interval"] == 0 or is_last  # on every process: it also writes a log line
@@ -731,8 +733,8 @@ def main(argv=None):
             if master:
                 seconds = time.perf_counter() - t0
                 row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
-                       "ms_per_step": 1000 * seconds / window_steps,
-                       "images_per_s": window_steps * config["batch_size"] / seconds}
+                       "ms_per_step": 1000 * seconds / timed_steps,
+                       "images_per_s": timed_steps * config["batch_size"] / seconds}
                 if is_sample and len(test_data):
                     row["test_mse"], row["baseline_mse"] = test_mse(generator)
                 if device.type == "cuda":
@@ -740,7 +742,7 @@ def main(argv=None):
                 write_log_row(log_path, row, config["max_iters"])
             for v in window.values():
                 v.zero_()
-            window_steps, t0 = 0, time.perf_counter()
+            window_steps, timed_steps, t0 = 0, 0, time.perf_counter()
         if master and is_sample:
             save_samples(generator)
             plot_curves(log_path, os.path.join(out_dir, "curves.png"), [("loss_D", "loss_G"), ("recon", "adv"), ("D_x", "D_G_y")])

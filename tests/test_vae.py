@@ -62,7 +62,8 @@ def test_mlp_is_table_1():
     assert out.shape == (5, 1, 28, 28) and 0 <= out.min() and out.max() <= 1
 
 
-@pytest.mark.parametrize("img_size,depth,upsample", [(64, 4, "convtranspose"), (32, 1, "nearest"), (32, 5, "bilinear")])
+@pytest.mark.parametrize("img_size,depth,upsample", [(64, 4, "convtranspose"), (32, 1, "nearest"), (32, 5, "bilinear"),
+                                                      (28, 2, "convtranspose")])
 def test_conv_shapes(img_size, depth, upsample):
     models = vae.build_models(config(arch="conv", channels=3, img_size=img_size, depth=depth, upsample=upsample, latent_dim=16, width=8))
     convs = [m for m in models["encoder"].modules() if isinstance(m, nn.Conv2d)]
@@ -93,6 +94,18 @@ def test_upsample_modes_build_resize_then_conv_layers(upsample):
         for block in (m for m in decoder.modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Upsample)):
             assert isinstance(block[1], nn.Conv2d)
     assert decoder(torch.randn(2, 20)).shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_decoder_output_layer_runs_in_float32_under_bfloat16_autocast(arch):
+    torch.manual_seed(0)
+    decoder = vae.build_models(config(arch=arch, img_size=32, depth=2, width=8, hidden=32, latent_dim=4, recon="dlogistic"))["decoder"]
+    z = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoded = decoder(z)
+        hidden = decoder.net[:-1](z if arch == "mlp" else decoder.fc(z).view(-1, *decoder.start))
+    assert hidden.dtype == torch.bfloat16 and decoded.dtype == torch.float32  # the mean needs more than 8 bits
+    assert torch.equal(decoded, decoder.net[-1](hidden.float()).view(decoded.shape))
 
 
 def test_dlcv_face_model():
@@ -578,6 +591,29 @@ def test_mse_of_reconstructions_is_the_mean_over_pixels_of_the_split():
 # --- checkpoints and bad input -------------------------------------------------------------
 
 
+def test_non_finite_weights_stop_before_the_checkpoint(tiny_mnist, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--ckpt_interval", "2", "--log_interval", "2",
+              "--dtype", "float32", *TINY]
+    vae.main(["--max_iters", "2", *common])
+    capsys.readouterr()
+    good = (out / "ckpt.pt").read_bytes()
+    adam_step, updates = torch.optim.Adam.step, []
+
+    def poisoning_step(self, *args, **kwargs):
+        result = adam_step(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 2:  # step 4's update, after its (finite) loss was summed into the log window
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    assert "non-finite loss or weights by step 4" in error_line(capsys, ["--max_iters", "4", "--resume", *common])
+    assert (out / "ckpt.pt").read_bytes() == good
+    assert [r["step"] for r in read_log(out)] == [2]
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     vae.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
@@ -614,7 +650,8 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--arch", "conv", "--img_size", "28"], "--img_size 28 is not supported"), (["--iw_k", "0"], "--iw_k 0"),
+    (["--arch", "conv", "--img_size", "28"], "--img_size 28 is not supported by the conv VAE with --depth 4"),
+    (["--arch", "conv", "--img_size", "28", "--depth", "3"], "multiple of 2^depth = 8"), (["--iw_k", "0"], "--iw_k 0"),
     (["--kl_weight", "-1"], "--kl_weight -1"), (["--batch_size", "0"], "--batch_size 0"), (["--max_iters", "-5"], "--max_iters -5"),
     (["--latent_dim", "0"], "--latent_dim 0"), (["--hidden", "-1"], "--hidden -1"), (["--img_size", "0"], "--img_size 0"),
     (["--arch", "conv", "--width", "0"], "--width 0"), (["--flow", "iaf", "--flow_length", "0"], "--flow_length 0"),
@@ -656,8 +693,11 @@ def test_checkpoint_of_another_script_to_resume(tiny_mnist, tmp_path, capsys):
     torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5, "models": {}}, out / "ckpt.pt")
     saved = (out / "ckpt.pt").read_bytes()
     line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
-    assert "'dcgan' checkpoint, not vae" in line
+    assert "is not a vae checkpoint but a dcgan one" in line
     assert (out / "ckpt.pt").read_bytes() == saved and os.listdir(out) == ["ckpt.pt"]
+    torch.save([1, 2, 3], out / "ckpt.pt")  # a readable file that is no checkpoint at all
+    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
+    assert line.endswith("is not a vae checkpoint") and os.listdir(out) == ["ckpt.pt"]
 
 
 def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys):
@@ -666,7 +706,7 @@ def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path,
     vae.main(["--max_iters", "2", "--lr", "1e-3", *common])
     capsys.readouterr()
     saved = (out / "ckpt.pt").read_bytes()
-    line = error_line(capsys, ["--max_iters", "4", "--resume", "--latent_dim", "8", *common])
+    line = error_line(capsys, ["--max_iters", "4", "--resume", *common, "--latent_dim", "8"])
     assert "--latent_dim cannot change in a resumed run" in line
     assert (out / "ckpt.pt").read_bytes() == saved
     vae.main(["--max_iters", "3", "--resume", *common])  # no --lr typed: the checkpoint's 1e-3
