@@ -629,7 +629,7 @@ def get_args(argv=None):
                    help="InfoGAN: weight of the continuous codes' term (Chen et al. advise a smaller one, e.g. 0.1, on some datasets)")
     p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (CIS 680: 128)")
     p.add_argument("--ndf", type=int, default=32, help="discriminator width of its first layer")
-    p.add_argument("--batch_size", type=int, default=128, help="images per step, over all processes")
+    p.add_argument("--batch_size", type=int, default=64, help="images per step, over all processes")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
@@ -637,10 +637,10 @@ def get_args(argv=None):
                    help="differentiable augmentation of D's inputs, real and fake, for all its heads (Zhao et al. 2020): "
                         "none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=2000, help="training iterations (each: one D then one G update)")
-    p.add_argument("--log_interval", type=int, default=50, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=250, help="iterations between sample grids (and curves.png)")
-    p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")
+    p.add_argument("--max_iters", type=int, default=8000, help="training iterations (each: one D then one G update)")
+    p.add_argument("--log_interval", type=int, default=100, help="iterations between log.jsonl lines")
+    p.add_argument("--sample_interval", type=int, default=1000, help="iterations between sample grids (and curves.png)")
+    p.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints (one is always written at the end)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

@@ -8,12 +8,12 @@
 
 Modes (default --mode all: every one that applies to the checkpoint):
   pairs     one row per random pair (z0, z1), columns z(t) for t = i / (steps - 1), i = -E .. steps - 1 + E
-            (the MNIST homework's Q5; --extrapolate E adds E steps of the same size beyond both ends, as in
-            the 2018 image-generation assignment §5c)
+            (the MNIST homework's interpolation question; --extrapolate E adds E steps of the same size
+            beyond both ends, as that homework asks too)
   traverse  one row per latent dimension in --dims, which takes --steps values over [-range, range]
-            while all other dimensions keep the values of one random z (the 2018 image-generation assignment §5b)
+            while all other dimensions keep the values of one random z (the 2018 image-generation assignment's traversals)
   pixel     VAEs: for pairs of test images x0, x1 with posterior means z0, z1, decode(z(t)) above
-            (1 - t) x0 + t x1 (the 2018 image-generation assignment §5c)
+            (1 - t) x0 + t x1 (the 2018 image-generation assignment's latent vs pixel comparison)
   classes   conditional models: one column per noise vector, one row per class (DLCV (2018) HW4, problem 3)
   codes     InfoGAN: per categorical code, its categories across the columns; per continuous code,
             --steps values over [-code_range, code_range]; one noise (and other codes) per row (DLCV (2018) HW4, bonus)

@@ -513,7 +513,7 @@ def get_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=1500, help="training iterations (each: one D update, then one G update)")
+    p.add_argument("--max_iters", type=int, default=1200, help="training iterations (each: one D update, then one G update)")
     p.add_argument("--log_interval", type=int, default=25, help="iterations between log.jsonl lines")
     p.add_argument("--sample_interval", type=int, default=300,
                    help="iterations between sample grids, progress strip, triplets, test MSE (each a log line) and curves.png")

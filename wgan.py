@@ -536,10 +536,10 @@ def get_args(argv=None):
     p.add_argument("--augment", default="translation,cutout",
                    help="differentiable augmentation of the critic's inputs, real and fake (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=8000, help="generator updates (each after n_critic critic updates)")
+    p.add_argument("--max_iters", type=int, default=5000, help="generator updates (each after n_critic critic updates)")
     p.add_argument("--log_interval", type=int, default=100, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=1000, help="iterations between sample grids (and curves.png)")
-    p.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints (one is always written at the end)")
+    p.add_argument("--sample_interval", type=int, default=500, help="iterations between sample grids (and curves.png)")
+    p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

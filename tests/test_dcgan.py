@@ -52,13 +52,13 @@ def test_generator_and_discriminator_shapes(img_size, upsample):
 
 
 def test_handout_layer_tables():
-    # seed 000 Table 2 (64x64): 1024-512-256-128-3 with kernel 4, the first with padding 0
+    # CIS 680 Table 2 (64x64): 1024-512-256-128-3 with kernel 4, the first with padding 0
     G = dcgan.build_models(config(img_size=64, channels=3, ngf=128, nz=100))["G"]
     convs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
     assert [m.out_channels for m in convs] == [1024, 512, 256, 128, 3]
     assert [m.padding[0] for m in convs] == [0, 1, 1, 1, 1]
     assert [m.stride[0] for m in convs] == [1, 2, 2, 2, 2]
-    # seed 001 (32x32, hidden 16): 4h x 4 x 4, 2h x 8 x 8, h x 16 x 16, 1 x 32 x 32
+    # the MNIST homework (32x32, hidden 16): 4h x 4 x 4, 2h x 8 x 8, h x 16 x 16, 1 x 32 x 32
     G = dcgan.build_models(config())["G"]
     shapes, x = [], torch.randn(2, 16, 1, 1)
     for layer in G.net:
