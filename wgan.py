@@ -536,7 +536,7 @@ def get_args(argv=None):
     p.add_argument("--augment", default="translation,cutout",
                    help="differentiable augmentation of the critic's inputs, real and fake (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=5000, help="generator updates (each after n_critic critic updates)")
+    p.add_argument("--max_iters", type=int, default=4000, help="generator updates (each after n_critic critic updates)")
     p.add_argument("--log_interval", type=int, default=100, help="iterations between log.jsonl lines")
     p.add_argument("--sample_interval", type=int, default=500, help="iterations between sample grids (and curves.png)")
     p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")

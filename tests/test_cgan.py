@@ -509,7 +509,7 @@ def test_resume_refuses_other_checkpoints_and_fixed_flags(tiny_mnist, tmp_path, 
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
     torch.save({"script": "dcgan", "format": 1, "config": {}, "step": 2}, out / "ckpt.pt")
     other = (out / "ckpt.pt").read_bytes()
-    assert "is a 'dcgan' checkpoint, not cgan" in error_line(capsys, "--resume", *common)
+    assert "is not a cgan checkpoint but a dcgan one" in error_line(capsys, "--resume", *common)
     assert (out / "ckpt.pt").read_bytes() == other
 
     train("--max_iters", "2", "--lr", "1e-3", *common)

@@ -505,7 +505,7 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_mnist, tmp_path, capsys)
     torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5}, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
     line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
-    assert "'dcgan' checkpoint, not srgan" in line
+    assert "is not a srgan checkpoint but a dcgan one" in line
     assert (out / "ckpt.pt").read_bytes() == before and sorted(os.listdir(out)) == ["ckpt.pt"]
 
 

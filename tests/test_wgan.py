@@ -565,7 +565,7 @@ def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsy
     assert "cannot read checkpoint" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
     torch.save({"script": "dcgan", "format": 1}, out / "dcgan.pt")
-    assert "not wgan" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", out / "dcgan.pt", *TINY)
+    assert "is not a wgan checkpoint but a dcgan one" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", out / "dcgan.pt", *TINY)
     # a checkpoint of the first wgan.py, which kept no log window
     old = tmp_path / "old"
     train("--data_dir", tiny_mnist, "--out_dir", old, "--max_iters", 1, "--n_critic", 1, *TINY)
