@@ -14,6 +14,7 @@ at 64x64) with the extra input and the extra head of DLCV (2018) HW4
     python cgan.py --ema_decay 0 --augment none       # the handout's plain training: no weight averaging, no augmentation
     python cgan.py --dataset celeba --img_size 64 --ngf 64 --ndf 64 --attr Smiling --batch_size 64
     python cgan.py --model infogan --dataset celeba --img_size 64 --ngf 64 --ndf 64 --nz 64 --cat_codes 5 --cont_codes 0
+    python cgan.py --model infogan --three_optimizers --leaky_slope 0.1   # DLCV HW4's training: G, D and Q optimizers
     torchrun --nproc_per_node=2 cgan.py               # DistributedDataParallel
 
 Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
@@ -189,22 +190,23 @@ class Discriminator(nn.Module):
     ACGAN: the auxiliary head is a 4 x 4 conv to n_classes logits (a linear layer on the body features).
     InfoGAN: the auxiliary head is Q: 4 x 4 conv to 128, BN, LeakyReLU, 1 x 1 conv to the
     categorical logits (cat_codes x cat_dim) ++ the means of the continuous codes (cont_codes).
+    slope: of every LeakyReLU, 0.2 in DCGAN (DLCV HW4: 0.1).
     """
 
-    def __init__(self, ndf, channels, img_size, aux_dim, q_hidden=0):
+    def __init__(self, ndf, channels, img_size, aux_dim, q_hidden=0, slope=0.2):
         super().__init__()
         n_down = int(math.log2(img_size)) - 2
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
         width = ndf
         for _ in range(n_down - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(slope, True)]
             width *= 2
         self.body = nn.Sequential(*layers)
         # width x 4 x 4
         self.source = nn.Conv2d(width, 1, 4, 1, 0, bias=False)
         if q_hidden:
             self.aux = nn.Sequential(nn.Conv2d(width, q_hidden, 4, 1, 0, bias=False), nn.BatchNorm2d(q_hidden),
-                                     nn.LeakyReLU(0.2, True), nn.Conv2d(q_hidden, aux_dim, 1))
+                                     nn.LeakyReLU(slope, True), nn.Conv2d(q_hidden, aux_dim, 1))
         else:
             self.aux = nn.Conv2d(width, aux_dim, 4, 1, 0)
 
@@ -227,14 +229,28 @@ def init_weights(module):
 def build_models(config):
     c, s = config["channels"], config["img_size"]
     latent_dim = config["nz"] + code_size(config)
+    slope = config.get("leaky_slope", 0.2)  # configs older than the flag: the default
     G = Generator(latent_dim, config["n_classes"], config["ngf"], c, s)
     if config["model"] == "acgan":
-        D = Discriminator(config["ndf"], c, s, aux_dim=config["n_classes"])
+        D = Discriminator(config["ndf"], c, s, aux_dim=config["n_classes"], slope=slope)
     else:
-        D = Discriminator(config["ndf"], c, s, aux_dim=code_size(config), q_hidden=128)
+        D = Discriminator(config["ndf"], c, s, aux_dim=code_size(config), q_hidden=128, slope=slope)
     G.apply(init_weights)
     D.apply(init_weights)
     return {"G": G, "D": D}
+
+
+def build_optimizers(G, D, config):
+    """Adam for G and for D. With --three_optimizers (InfoGAN as DLCV HW4 trains it) D's holds only its
+    body and source head, and a third, Q, holds G and the Q head: the information term is minimised by
+    that optimizer alone, so it never trains D's body (in the paper's form it does)."""
+    def adam(params):
+        return torch.optim.Adam(params, lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+
+    if not config.get("three_optimizers"):
+        return {"G": adam(G.parameters()), "D": adam(D.parameters())}
+    return {"G": adam(G.parameters()), "D": adam([*D.body.parameters(), *D.source.parameters()]),
+            "Q": adam([*G.parameters(), *D.aux.parameters()])}
 
 
 # -----------------------------------------------------------------------------
@@ -289,6 +305,12 @@ def info_loss(q_out, z, config):
     if config["cont_codes"]:
         loss = loss + config["lambda_cont"] * 0.5 * (cont - q_out[:, k * d:]).pow(2).sum(1).mean()
     return loss
+
+
+def unused(*outputs):
+    """0, as a function of network outputs that a loss leaves out. DistributedDataParallel waits for a gradient
+    of every parameter of the forward pass, so each head gets one (zero) in every backward pass."""
+    return sum(output.sum() * 0 for output in outputs)
 
 
 def class_accuracy(class_logits, labels):
@@ -627,8 +649,14 @@ def get_args(argv=None):
     p.add_argument("--lambda_cat", type=float, default=1.0, help="InfoGAN: weight of the information term of the categorical codes")
     p.add_argument("--lambda_cont", type=float, default=1.0,
                    help="InfoGAN: weight of the continuous codes' term (Chen et al. advise a smaller one, e.g. 0.1, on some datasets)")
+    p.add_argument("--three_optimizers", action="store_true",
+                   help="InfoGAN as DLCV HW4 trains it: D's optimizer on the GAN loss only, G's on the GAN loss, and a third on "
+                        "the information term over G and the Q head (not D's body). Default: the paper's form, the term added to "
+                        "D's loss and G's")
     p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (CIS 680: 128)")
     p.add_argument("--ndf", type=int, default=32, help="discriminator width of its first layer")
+    p.add_argument("--leaky_slope", type=float, default=0.2,
+                   help="negative slope of D's LeakyReLUs, Q head included (Radford et al.: 0.2; DLCV HW4: 0.1)")
     p.add_argument("--batch_size", type=int, default=64, help="images per step, over all processes")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
@@ -676,6 +704,10 @@ def main(argv=None):
         fail(f"--ema_decay {config['ema_decay']} must be in [0, 1)")
     if config["model"] == "infogan" and config["cat_codes"] + config["cont_codes"] == 0:
         fail("InfoGAN needs at least one code: --cat_codes or --cont_codes")
+    if config["three_optimizers"] and config["model"] != "infogan":
+        fail("--three_optimizers trains InfoGAN's Q head with an optimizer of its own (DLCV HW4); ACGAN trains with two")
+    if not 0 <= config["leaky_slope"] < 1:
+        fail(f"--leaky_slope {config['leaky_slope']} must be in [0, 1)")
     if config["model"] == "infogan" and config["attr"]:
         fail(f"--attr {config['attr']} conditions ACGAN on an attribute; InfoGAN learns its codes without labels")
     try:
@@ -709,8 +741,9 @@ def main(argv=None):
     G = models["G"].to(device, memory_format=memory_format)
     D = models["D"].to(device, memory_format=memory_format)
     ema_G = copy.deepcopy(G).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
-    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
-    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    optimizers = build_optimizers(G, D, config)
+    opt_G, opt_D, opt_Q = optimizers["G"], optimizers["D"], optimizers.get("Q")
+    three = opt_Q is not None
     data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
     fixed_z = sample_latent(config, 36, "cpu", torch.Generator().manual_seed(config["seed"])).to(device)
     fixed_labels = torch.arange(36, device=device) % config["n_classes"] if acgan else None  # classes 0, 1, 2, ... in reading order
@@ -725,10 +758,10 @@ def main(argv=None):
         D.load_state_dict(ckpt["models"]["D"])
         if ema_G is not None:
             ema_G.load_state_dict(ckpt["ema"]["G"])
-        opt_G.load_state_dict(ckpt["optimizers"]["G"])
-        opt_D.load_state_dict(ckpt["optimizers"]["D"])
-        for group in opt_G.param_groups + opt_D.param_groups:
-            group["lr"] = config["lr"]
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(ckpt["optimizers"][name])
+            for group in optimizer.param_groups:
+                group["lr"] = config["lr"]
         step, fixed_z = ckpt["step"], ckpt["fixed_noise"].to(device)
         window = {k: v.to(device) for k, v in ckpt["log_window"]["sums"].items()}
         window_steps = ckpt["log_window"]["steps"]
@@ -775,7 +808,7 @@ def main(argv=None):
             "script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step,
             "models": {"G": G.state_dict(), "D": D.state_dict()},
             **({"ema": {"G": ema_G.state_dict()}} if ema_G is not None else {}),
-            "optimizers": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "fixed_noise": fixed_z.cpu(),
@@ -788,6 +821,7 @@ def main(argv=None):
     while step < config["max_iters"]:
         # (1) Update D: the right source of real and fake images, plus (ACGAN) the right class of both, or
         # (InfoGAN) the codes of the fakes: as in Chen et al.'s code, the information term trains Q and the shared body here
+        # (with three optimizers, D's loss is the GAN loss alone)
         real, real_labels = draw_real_batch()
         z, fake_labels = sample_latent(config, local_batch, device), sample_labels(config, local_batch, device)
         with autocast:
@@ -798,6 +832,8 @@ def main(argv=None):
             fake_logits, fake_aux = fake_logits.float(), fake_aux.float()
             if acgan:
                 loss_D = acgan_discriminator_loss(real_logits, fake_logits, real_aux, fake_aux, real_labels, fake_labels)
+            elif three:
+                loss_D = gan_discriminator_loss(real_logits, fake_logits) + unused(real_aux, fake_aux)
             else:
                 loss_D = gan_discriminator_loss(real_logits, fake_logits) + info_loss(fake_aux, z, config)
         opt_D.zero_grad(set_to_none=True)
@@ -810,12 +846,25 @@ def main(argv=None):
             fake_logits_G, fake_aux_G = fake_logits_G.float(), fake_aux_G.float()
             if acgan:
                 loss_G = acgan_generator_loss(fake_logits_G, fake_aux_G, fake_labels)
+            elif three:
+                loss_G = gan_generator_loss(fake_logits_G) + unused(fake_aux_G)
             else:
                 loss_info = info_loss(fake_aux_G, z, config)
                 loss_G = gan_generator_loss(fake_logits_G) + loss_info
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
+
+        # (3) With three optimizers (DLCV HW4), a third update on the information term alone, of G and the Q head;
+        # D's body passes the gradient on but is not stepped. G has just moved, so its fakes are drawn again.
+        if three:
+            with autocast:
+                fake_logits_Q, fake_aux_G = D_train(diff_augment(G_train(z), policy))
+                fake_aux_G = fake_aux_G.float()
+                loss_info = info_loss(fake_aux_G, z, config)
+            opt_Q.zero_grad(set_to_none=True)
+            (loss_info + unused(fake_logits_Q)).backward()
+            opt_Q.step()
         if ema_G is not None:
             update_ema(ema_G, G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
         step += 1

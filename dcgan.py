@@ -4,10 +4,13 @@ Radford, Metz, Chintala, "Unsupervised Representation Learning with Deep
 Convolutional Generative Adversarial Networks", ICLR 2016. The networks follow
 the course handouts: 32x32 MNIST with four layers (the MNIST DCGAN + FID
 homework) and 64x64 colour images with five layers (CIS 680 (2019)
-assignment 4, Table 2: 1024-512-256-128-3, i.e. --ngf 128).
+assignment 4, Table 2: 1024-512-256-128-3, i.e. --ngf 128). --depth builds
+CSI5340 assignment 4's modules instead, 1 to 5 blocks deep.
 
     python dcgan.py                                   # embedded MNIST sample, 32x32
     python dcgan.py --dataset stl10 --img_size 64 --ngf 128 --ndf 128
+    python dcgan.py --depth 5 --loss sigmoid_mse --lr 3e-4      # CSI5340 assignment 4's GAN, 1 to 5 blocks deep
+    python dcgan.py --leaky_slope 0.1 --g_steps 2               # DLCV HW4's discriminator slope and update ratio
     torchrun --nproc_per_node=2 dcgan.py              # DistributedDataParallel
 
 Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
@@ -89,17 +92,22 @@ def upsample_block(in_ch, out_ch, mode):
 class Generator(nn.Module):
     """z (nz x 1 x 1) -> image (channels x img_size x img_size) in [-1, 1].
 
-    For img_size 32 (MNIST homework):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
-    For img_size 64 (CIS 680):          nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
+    depth blocks of transposed conv, batch norm and ReLU, then a transposed conv to the image and a tanh
+    (CSI5340 assignment 4's generator module). The first block turns z into a start x start map,
+    start = img_size / 2^depth; each later layer doubles the resolution and halves the width. The
+    default depth, log2(img_size) - 2, gives the DCGAN tables:
+    For img_size 32 (MNIST homework, depth 3):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
+    For img_size 64 (CIS 680, depth 4):          nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
     """
 
-    def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose"):
+    def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose", depth=None):
         super().__init__()
-        n_up = int(math.log2(img_size)) - 2  # stride-2 layers after the first 4 x 4 one
-        width = ngf * 2 ** (n_up - 1)
-        layers = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
-        # (ngf * 2^(n_up-1)) x 4 x 4
-        for _ in range(n_up - 1):
+        depth = depth or int(math.log2(img_size)) - 2
+        start = img_size // 2 ** depth
+        width = ngf * 2 ** (depth - 1)
+        layers = [nn.ConvTranspose2d(nz, width, start, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        # (ngf * 2^(depth-1)) x start x start
+        for _ in range(depth - 1):
             layers += [upsample_block(width, width // 2, upsample), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
             width //= 2
         # ngf x (img_size/2) x (img_size/2)
@@ -112,22 +120,50 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image -> one logit: the generator mirrored, LeakyReLU(0.2), no batch norm on the input layer.
+    """image -> one logit: the generator mirrored, LeakyReLU (slope 0.2; DLCV HW4: 0.1), no batch norm on the input layer.
 
     For img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> (ndf*2) x 16 x 16 -> (ndf*4) x 8 x 8 -> (ndf*8) x 4 x 4 -> 1
     The handouts' final sigmoid lives in the loss (BCE with logits), which is the numerically stable form.
     """
 
-    def __init__(self, ndf, channels, img_size):
+    def __init__(self, ndf, channels, img_size, slope=0.2):
         super().__init__()
         n_down = int(math.log2(img_size)) - 2
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
         width = ndf
         for _ in range(n_down - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(slope, True)]
             width *= 2
         # width x 4 x 4
         layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
+class DepthDiscriminator(nn.Module):
+    """image -> one logit: CSI5340 assignment 4's discriminator module, of depth 1 to 5.
+
+    conv + LeakyReLU, depth - 1 blocks of conv + batch norm + LeakyReLU, conv + LeakyReLU, then a linear
+    layer to one output. The first depth convs are the DCGAN discriminator's strided 4x4 ones, so the
+    network mirrors the generator of the same depth; the last conv takes the start x start map to 1 x 1.
+    For img_size 32, depth 3: C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1
+    The handout's sigmoid after the linear layer lives in the loss, as in Discriminator.
+    """
+
+    def __init__(self, ndf, channels, img_size, depth, slope=0.2):
+        super().__init__()
+        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
+        width = ndf
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(slope, True)]
+            width *= 2
+        # (ndf * 2^(depth-1)) x start x start, start = img_size / 2^depth
+        start = img_size // 2 ** depth
+        layers += [nn.Conv2d(width, width, start, 1, 0, bias=False), nn.LeakyReLU(slope, True), nn.Flatten()]
+        # width x 1 x 1, flattened
+        layers += [nn.Linear(width, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -154,12 +190,12 @@ class MLPGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     """C*H*W -> 8ndf -> 4ndf -> 1 logit."""
 
-    def __init__(self, ndf, channels, img_size):
+    def __init__(self, ndf, channels, img_size, slope=0.2):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels * img_size * img_size, ndf * 8), nn.LeakyReLU(0.2, True),
-            nn.Linear(ndf * 8, ndf * 4), nn.LeakyReLU(0.2, True),
+            nn.Linear(channels * img_size * img_size, ndf * 8), nn.LeakyReLU(slope, True),
+            nn.Linear(ndf * 8, ndf * 4), nn.LeakyReLU(slope, True),
             nn.Linear(ndf * 4, 1),
         )
 
@@ -180,12 +216,16 @@ def init_weights(module):
 
 def build_models(config):
     c, s = config["channels"], config["img_size"]
+    depth, slope = config.get("depth"), config.get("leaky_slope", 0.2)  # configs older than these flags: the defaults
     if config["arch"] == "mlp":
         G = MLPGenerator(config["nz"], config["ngf"], c, s)
-        D = MLPDiscriminator(config["ndf"], c, s)
+        D = MLPDiscriminator(config["ndf"], c, s, slope)
+    elif depth:
+        G = Generator(config["nz"], config["ngf"], c, s, config["upsample"], depth)
+        D = DepthDiscriminator(config["ndf"], c, s, depth, slope)
     else:
         G = Generator(config["nz"], config["ngf"], c, s, config["upsample"])
-        D = Discriminator(config["ndf"], c, s)
+        D = Discriminator(config["ndf"], c, s, slope)
     G.apply(init_weights)
     D.apply(init_weights)
     return {"G": G, "D": D}
@@ -198,6 +238,8 @@ def build_models(config):
 def discriminator_loss(kind, real_logits, fake_logits):
     if kind == "lsgan":  # Mao et al. 2017: E[(D(x) - 1)^2] + E[D(G(z))^2]
         return (real_logits - 1).pow(2).mean() + fake_logits.pow(2).mean()
+    if kind == "sigmoid_mse":  # CSI5340 assignment 4: (mse(D(G(z)), 0) + mse(D(x), 1)) / 2, D(.) after the sigmoid
+        return (torch.sigmoid(fake_logits).pow(2).mean() + (torch.sigmoid(real_logits) - 1).pow(2).mean()) / 2
     # -E[log D(x)] - E[log(1 - D(G(z)))], the same for minimax and non-saturating
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
@@ -205,6 +247,8 @@ def discriminator_loss(kind, real_logits, fake_logits):
 def generator_loss(kind, fake_logits):
     if kind == "lsgan":
         return (fake_logits - 1).pow(2).mean()
+    if kind == "sigmoid_mse":  # CSI5340 assignment 4: mse(D(G(z)), 1)
+        return (torch.sigmoid(fake_logits) - 1).pow(2).mean()
     if kind == "minimax":  # minimise E[log(1 - D(G(z)))]: saturates when D wins
         return -F.softplus(fake_logits).mean()
     return F.softplus(-fake_logits).mean()  # non-saturating: minimise -E[log D(G(z))] (the log-D trick)
@@ -504,15 +548,22 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
     p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
     p.add_argument("--out_dir", default="out/dcgan", help="checkpoint, samples, logs and curves go here")
-    p.add_argument("--img_size", type=int, default=32, help="32 (4 layers, MNIST homework) or 64 (5 layers, CIS 680); any size for --arch mlp")
+    p.add_argument("--img_size", type=int, default=32, help="32 (4 layers, MNIST homework) or 64 (5 layers, CIS 680); with --depth, a multiple of 2^depth; any size for --arch mlp")
     p.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="convolutional DCGAN or the fully connected baseline")
+    p.add_argument("--depth", type=int, default=None, choices=range(1, 6), metavar="{1,...,5}",
+                   help="CSI5340 assignment 4's networks of configurable depth: G has depth (transposed conv, BN, ReLU) blocks "
+                        "before its output layer; D is conv + LeakyReLU, depth-1 (conv, BN, LeakyReLU) blocks, conv + LeakyReLU, "
+                        "linear; --img_size a multiple of 2^depth. Unset: the DCGAN tables (G of depth 3 at 32x32, 4 at 64x64)")
     p.add_argument("--nz", type=int, default=100, help="latent size")
     p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (CIS 680: 128)")
     p.add_argument("--ndf", type=int, default=32, help="discriminator width of its first layer")
+    p.add_argument("--leaky_slope", type=float, default=0.2,
+                   help="negative slope of D's LeakyReLUs (Radford et al.: 0.2; DLCV HW4: 0.1)")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
                    help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
-    p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan"],
-                   help="GAN loss: non-saturating (the log-D trick), minimax (Goodfellow et al. 2014 eq. 1), least squares (Mao et al. 2017)")
+    p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan", "sigmoid_mse"],
+                   help="GAN loss: non-saturating (the log-D trick), minimax (Goodfellow et al. 2014 eq. 1), least squares on D's raw "
+                        "score (Mao et al. 2017), or least squares on D's sigmoid output, D's loss halved (CSI5340 assignment 4)")
     p.add_argument("--batch_size", type=int, default=64, help="images per D step, over all processes (the handouts: 128)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
@@ -550,8 +601,15 @@ def main(argv=None):
         ckpt, config = resume_config(config, argv)
     check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "nz", "ngf", "ndf",
                             "d_steps", "g_steps", "lr"])
-    if config["arch"] == "conv" and config["img_size"] not in (32, 64):
-        fail(f"--img_size {config['img_size']} is not supported by the conv DCGAN: use 32 or 64 (or --arch mlp)")
+    depth = config["depth"]
+    if depth and config["arch"] == "mlp":
+        fail(f"--depth {depth} sets the depth of the conv networks; --arch mlp has its own fixed layers")
+    if depth and config["img_size"] % 2 ** depth:
+        fail(f"--img_size {config['img_size']} is not supported with --depth {depth}: use a multiple of 2^depth = {2 ** depth}")
+    if not depth and config["arch"] == "conv" and config["img_size"] not in (32, 64):
+        fail(f"--img_size {config['img_size']} is not supported by the conv DCGAN: use 32 or 64 (or --arch mlp, or --depth)")
+    if not 0 <= config["leaky_slope"] < 1:
+        fail(f"--leaky_slope {config['leaky_slope']} must be in [0, 1)")
     if not 0 <= config["ema_decay"] < 1:
         fail(f"--ema_decay {config['ema_decay']} must be in [0, 1)")
     try:

@@ -25,6 +25,7 @@ of G's weights. `--augment none --ema_decay 0` trains exactly as the papers do.
     python wgan.py --mode clip --clip 0.05            # the clipping bound of the 2018 image-generation assignment
     python wgan.py --augment none --ema_decay 0       # the papers' plain training: no augmentation, no averaging
     python wgan.py --dataset celeba --img_size 64 --ngf 64 --ndf 64 --batch_size 64
+    python wgan.py --depth 5 --lr 3e-4                # CSI5340 assignment 4's WGAN, G and critic 1 to 5 blocks deep
     torchrun --nproc_per_node=2 wgan.py               # DistributedDataParallel
 
 Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
@@ -106,17 +107,22 @@ def upsample_block(in_ch, out_ch, mode):
 class Generator(nn.Module):
     """z (nz x 1 x 1) -> image (channels x img_size x img_size) in [-1, 1]: the DCGAN generator.
 
-    For img_size 32 (MNIST homework):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
-    For img_size 64 (CIS 680):          nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
+    depth blocks of transposed conv, batch norm and ReLU, then a transposed conv to the image and a tanh
+    (CSI5340 assignment 4's generator module). The first block turns z into a start x start map,
+    start = img_size / 2^depth; each later layer doubles the resolution and halves the width. The
+    default depth, log2(img_size) - 2, gives the DCGAN tables:
+    For img_size 32 (MNIST homework, depth 3):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
+    For img_size 64 (CIS 680, depth 4):          nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
     """
 
-    def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose"):
+    def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose", depth=None):
         super().__init__()
-        n_up = int(math.log2(img_size)) - 2  # stride-2 layers after the first 4 x 4 one
-        width = ngf * 2 ** (n_up - 1)
-        layers = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
-        # (ngf * 2^(n_up-1)) x 4 x 4
-        for _ in range(n_up - 1):
+        depth = depth or int(math.log2(img_size)) - 2
+        start = img_size // 2 ** depth
+        width = ngf * 2 ** (depth - 1)
+        layers = [nn.ConvTranspose2d(nz, width, start, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        # (ngf * 2^(depth-1)) x start x start
+        for _ in range(depth - 1):
             layers += [upsample_block(width, width // 2, upsample), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
             width //= 2
         # ngf x (img_size/2) x (img_size/2)
@@ -145,17 +151,18 @@ class Critic(nn.Module):
     For img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> ... -> (ndf*8) x 4 x 4 -> 1
     norm: "batch" (DCGAN), "layer" or "none". Batch norm mixes the samples of a batch, so a
     per-sample gradient penalty is not defined for it (Gulrajani et al. §4).
+    slope: of the LeakyReLUs, 0.2 in DCGAN (DLCV HW4: 0.1).
     """
 
-    def __init__(self, ndf, channels, img_size, norm="batch"):
+    def __init__(self, ndf, channels, img_size, norm="batch", slope=0.2):
         super().__init__()
         n_down = int(math.log2(img_size)) - 2
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
         width = ndf
         for _ in range(n_down - 1):
             # DCGAN's convs have no bias (the normalisation's offset plays its part); without one they need it
             layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), critic_norm_layer(norm, width * 2),
-                       nn.LeakyReLU(0.2, True)]
+                       nn.LeakyReLU(slope, True)]
             width *= 2
         # width x 4 x 4
         layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
@@ -165,9 +172,38 @@ class Critic(nn.Module):
         return self.net(x).view(-1)
 
 
+class DepthCritic(nn.Module):
+    """image -> one unbounded score: CSI5340 assignment 4's critic module, of depth 1 to 5.
+
+    conv + LeakyReLU, depth - 1 blocks of conv + norm + LeakyReLU, conv + LeakyReLU, then a linear layer
+    to one output, and no sigmoid. The first depth convs are the DCGAN discriminator's strided 4x4 ones,
+    so the critic mirrors the generator of the same depth; the last conv takes the start x start map to 1 x 1.
+    For img_size 32, depth 3: C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1
+    The handout's norm is batch norm, which --mode clip keeps; --mode gp takes layer norm or none, as for Critic.
+    """
+
+    def __init__(self, ndf, channels, img_size, depth, norm="batch", slope=0.2):
+        super().__init__()
+        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
+        width = ndf
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), critic_norm_layer(norm, width * 2),
+                       nn.LeakyReLU(slope, True)]
+            width *= 2
+        # (ndf * 2^(depth-1)) x start x start, start = img_size / 2^depth
+        start = img_size // 2 ** depth
+        layers += [nn.Conv2d(width, width, start, 1, 0, bias=False), nn.LeakyReLU(slope, True), nn.Flatten()]
+        # width x 1 x 1, flattened
+        layers += [nn.Linear(width, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
 def init_weights(module):
-    """N(0, 0.02) for conv weights, N(1, 0.02) for batch-norm scales (Radford et al. 2016)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. 2016)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -178,8 +214,12 @@ def init_weights(module):
 
 def build_models(config):
     c, s = config["channels"], config["img_size"]
-    G = Generator(config["nz"], config["ngf"], c, s, config["upsample"])
-    D = Critic(config["ndf"], c, s, config["critic_norm"])
+    depth, slope = config.get("depth"), config.get("leaky_slope", 0.2)  # configs older than these flags: the defaults
+    G = Generator(config["nz"], config["ngf"], c, s, config["upsample"], depth)
+    if depth:
+        D = DepthCritic(config["ndf"], c, s, depth, config["critic_norm"], slope)
+    else:
+        D = Critic(config["ndf"], c, s, config["critic_norm"], slope)
     G.apply(init_weights)
     D.apply(init_weights)
     return {"G": G, "D": D}
@@ -513,12 +553,19 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
     p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
     p.add_argument("--out_dir", default="out/wgan", help="checkpoint, samples, logs and curves go here")
-    p.add_argument("--img_size", type=int, default=32, help="32 (4 layers, MNIST homework) or 64 (5 layers, CIS 680)")
+    p.add_argument("--img_size", type=int, default=32,
+                   help="32 (4 layers, MNIST homework) or 64 (5 layers, CIS 680); with --depth, a multiple of 2^depth")
+    p.add_argument("--depth", type=int, default=None, choices=range(1, 6), metavar="{1,...,5}",
+                   help="CSI5340 assignment 4's networks of configurable depth: G has depth (transposed conv, BN, ReLU) blocks "
+                        "before its output layer; the critic is conv + LeakyReLU, depth-1 (conv, norm, LeakyReLU) blocks, "
+                        "conv + LeakyReLU, linear. Unset: the DCGAN tables (G of depth 3 at 32x32, 4 at 64x64)")
     p.add_argument("--nz", type=int, default=100, help="latent size")
     p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (CIS 680: 128)")
     p.add_argument("--ndf", type=int, default=16, help="critic width of its first layer (16 keeps the default run within 10 CPU minutes)")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
                    help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
+    p.add_argument("--leaky_slope", type=float, default=0.2,
+                   help="negative slope of the critic's LeakyReLUs (Radford et al.: 0.2; DLCV HW4: 0.1)")
     p.add_argument("--critic_norm", default=None, choices=["batch", "layer", "none"],
                    help="normalisation in the critic; default: batch for clip (the DCGAN discriminator), "
                         "layer for gp (Gulrajani et al. §4; batch norm is refused with gp)")
@@ -591,8 +638,13 @@ def main(argv=None):
         fail(error)
     check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "nz", "ngf", "ndf",
                             "n_critic", "lr", "clip" if config["mode"] == "clip" else "gp_weight"])
-    if config["img_size"] not in (32, 64):
-        fail(f"--img_size {config['img_size']} is not supported by the DCGAN generator and critic: use 32 or 64")
+    depth = config["depth"]
+    if depth and config["img_size"] % 2 ** depth:
+        fail(f"--img_size {config['img_size']} is not supported with --depth {depth}: use a multiple of 2^depth = {2 ** depth}")
+    if not depth and config["img_size"] not in (32, 64):
+        fail(f"--img_size {config['img_size']} is not supported by the DCGAN generator and critic: use 32 or 64 (or --depth)")
+    if not 0 <= config["leaky_slope"] < 1:
+        fail(f"--leaky_slope {config['leaky_slope']} must be in [0, 1)")
     if not 0 <= config["ema_decay"] < 1:
         fail(f"--ema_decay {config['ema_decay']} must be in [0, 1)")
     try:

@@ -151,6 +151,89 @@ def test_info_loss_is_the_negative_lower_bound():
     assert cgan.info_loss(perfect, z, cfg) < 1e-6 and cgan.code_accuracy(perfect, z, cfg) == 1
 
 
+@pytest.mark.parametrize("model", ["acgan", "infogan"])
+def test_leaky_slope_sets_every_leaky_relu_of_D(model):
+    extra = {} if model == "acgan" else {"n_classes": 0}
+    for slope in (0.2, 0.1):
+        kw = {} if slope == 0.2 else {"leaky_slope": slope}  # a config without the key keeps 0.2
+        models = cgan.build_models(config(model=model, **extra, **kw))
+        slopes = [m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)]
+        assert len(slopes) == (3 if model == "acgan" else 4) and set(slopes) == {slope}  # InfoGAN: the Q head's too
+
+
+def test_three_optimizers_hold_the_parameters_dlcv_hw4_gives_them():
+    cfg = config(model="infogan", n_classes=0, lr=2e-4, beta1=0.5, beta2=0.999)
+    models = cgan.build_models(cfg)
+    G, D = models["G"], models["D"]
+
+    def held(optimizer):
+        return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+    def ids(*modules):
+        return {id(p) for m in modules for p in m.parameters()}
+
+    paper = cgan.build_optimizers(G, D, cfg)
+    assert set(paper) == {"G", "D"} and held(paper["D"]) == ids(D) and held(paper["G"]) == ids(G)
+    three = cgan.build_optimizers(G, D, {**cfg, "three_optimizers": True})
+    assert set(three) == {"G", "D", "Q"}
+    assert held(three["G"]) == ids(G)
+    assert held(three["D"]) == ids(D.body, D.source)  # the discriminator without the Q network
+    assert held(three["Q"]) == ids(G, D.aux)  # "adjusting both parameters from the generator and Q network"
+    for optimizer in three.values():
+        assert optimizer.defaults["lr"] == 2e-4 and optimizer.defaults["betas"] == (0.5, 0.999)
+
+
+def one_infogan_step(tiny_mnist, out, *flags):
+    """The weights after one iteration of InfoGAN in float32, without augmentation or averaging."""
+    train("--model", "infogan", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "1", "--ema_decay", "0",
+          "--augment", "none", "--dtype", "float32", *TINY, *flags)
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def test_three_optimizers_keep_the_information_term_out_of_D_body(tiny_mnist, tmp_path):
+    # the same seed, two weights of the information term: what it trains moves with the weight, the rest not
+    weights = {}
+    for form in ("paper", "three"):
+        flags = ["--three_optimizers"] if form == "three" else []
+        for lam in ("1", "5"):
+            ckpt = one_infogan_step(tiny_mnist, tmp_path / f"{form}{lam}", "--lambda_cat", lam, "--lambda_cont", lam, *flags)
+            weights[form, lam] = ckpt["models"]
+    def same(form, net, prefix):
+        a, b = weights[form, "1"][net], weights[form, "5"][net]
+        return all(torch.equal(a[k], b[k]) for k in a if k.startswith(prefix) and "running" not in k and "num_batches" not in k)
+
+    assert not same("paper", "D", "body.")  # the paper's form: the D step trains the shared body on the term too
+    assert same("three", "D", "body.") and same("three", "D", "source.")  # DLCV HW4's: D's optimizer never sees it
+    assert not same("three", "D", "aux.") and not same("three", "G", "")  # the Q step moves the Q head and G
+    ckpt = torch.load(tmp_path / "three1" / "ckpt.pt", weights_only=True)
+    assert set(ckpt["optimizers"]) == {"G", "D", "Q"}
+    steps = {name: {float(s["step"]) for s in opt["state"].values()} for name, opt in ckpt["optimizers"].items()}
+    assert steps == {"G": {1.0}, "D": {1.0}, "Q": {1.0}}  # 1:1:1
+    built = cgan.build_models(ckpt["config"])
+    assert len(ckpt["optimizers"]["Q"]["state"]) == len([*built["G"].parameters(), *built["D"].aux.parameters()])
+    assert len(ckpt["optimizers"]["D"]["state"]) == len([*built["D"].body.parameters(), *built["D"].source.parameters()])
+    assert set(torch.load(tmp_path / "paper1" / "ckpt.pt", weights_only=True)["optimizers"]) == {"G", "D"}
+
+
+def test_three_optimizers_resume_and_refusals(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--model", "infogan", "--data_dir", tiny_mnist, "--out_dir", out, "--log_interval", "1", "--leaky_slope", "0.1", *TINY]
+    train("--max_iters", "2", "--three_optimizers", *common)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["three_optimizers"] is True and ckpt["config"]["leaky_slope"] == 0.1
+    models = cgan.load_models(ckpt, "cpu")
+    assert {m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
+    train("--max_iters", "3", "--resume", *common)  # the checkpoint's config brings the flag back
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and {float(s["step"]) for s in ckpt["optimizers"]["Q"]["state"].values()} == {3.0}
+    assert all(np.isfinite(r["loss_info"]) for r in read_log(out))
+    train("--max_iters", "1", *common, "--out_dir", tmp_path / "paper")
+    assert "--three_optimizers cannot change" in error_line(capsys, "--max_iters", "2", "--resume", "--three_optimizers", *common,
+                                                            "--out_dir", tmp_path / "paper")
+    assert "ACGAN" in error_line(capsys, "--three_optimizers", "--data_dir", tiny_mnist, "--out_dir", tmp_path / "a", *TINY)
+    assert "--leaky_slope -1" in error_line(capsys, *common, "--leaky_slope", "-1", "--out_dir", tmp_path / "b")
+
+
 # --- data ----------------------------------------------------------------------------------
 
 

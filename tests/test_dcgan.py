@@ -94,15 +94,94 @@ def test_losses_match_their_formulas():
     assert torch.allclose(dcgan.generator_loss("lsgan", f), ((f - 1) ** 2).mean())
 
 
-@pytest.mark.parametrize("kind", ["nonsaturating", "minimax", "lsgan"])
+@pytest.mark.parametrize("kind", ["nonsaturating", "minimax", "lsgan", "sigmoid_mse"])
 def test_each_loss_gives_the_generator_its_own_gradient(kind):
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0], requires_grad=True)
     (grad,) = torch.autograd.grad(dcgan.generator_loss(kind, logits), logits)
     n = len(logits)
     expected = {"nonsaturating": -torch.sigmoid(-logits) / n,  # d/dl of -log sigmoid(l)
                 "minimax": -torch.sigmoid(logits) / n,  # d/dl of log(1 - sigmoid(l))
-                "lsgan": 2 * (logits - 1) / n}[kind]
+                "lsgan": 2 * (logits - 1) / n,
+                "sigmoid_mse": 2 * (torch.sigmoid(logits) - 1) * torch.sigmoid(logits) * torch.sigmoid(-logits) / n}[kind]
     assert torch.allclose(grad, expected.detach())
+
+
+def csi5340_table(G, D, nz, img_size):
+    """The layer types and output shapes (C, H, W) of G and D, as CSI5340 assignment 4's modules list them."""
+    shapes = {"G": [], "D": []}
+    x = torch.randn(2, nz, 1, 1)
+    for layer in G.net:
+        x = layer(x)
+        if isinstance(layer, nn.ConvTranspose2d):
+            shapes["G"].append(tuple(x.shape[1:]))
+    x = torch.randn(2, 1, img_size, img_size)
+    for layer in D.net:
+        x = layer(x)
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            shapes["D"].append(tuple(x.shape[1:]))
+    return shapes
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_depth_builds_the_csi5340_modules(depth):
+    # Generator: depth x (transposed conv, BN, ReLU), then transposed conv, tanh
+    # Discriminator: conv, LeakyReLU, (depth - 1) x (conv, BN, LeakyReLU), conv, LeakyReLU, linear to 1 (sigmoid in the loss)
+    models = dcgan.build_models(config(depth=depth, nz=100, ngf=8, ndf=8))
+    G, D = models["G"], models["D"]
+    kinds = [type(m) for m in G.net]
+    assert kinds == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * depth + [nn.ConvTranspose2d, nn.Tanh]
+    kinds = [type(m) for m in D.net]
+    assert kinds == ([nn.Conv2d, nn.LeakyReLU] + [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU] * (depth - 1)
+                     + [nn.Conv2d, nn.LeakyReLU, nn.Flatten, nn.Linear])
+    start, top = 32 // 2 ** depth, 8 * 2 ** (depth - 1)
+    shapes = csi5340_table(G, D, 100, 32)
+    # G doubles the resolution and halves the width after a first start x start map
+    assert shapes["G"] == [(top // 2 ** i, start * 2 ** i, start * 2 ** i) for i in range(depth)] + [(1, 32, 32)]
+    # D mirrors it, then a conv to 1 x 1 and the linear layer
+    assert shapes["D"] == [(8 * 2 ** i, 16 // 2 ** i, 16 // 2 ** i) for i in range(depth)] + [(top, 1, 1), (1,)]
+    assert D(G(torch.randn(3, 100))).shape == (3,)
+
+
+def test_without_depth_the_dcgan_tables_stay_and_depth_3_keeps_their_generator():
+    default = dcgan.build_models(config())
+    assert isinstance(default["D"], dcgan.Discriminator) and not any(isinstance(m, nn.Linear) for m in default["D"].modules())
+    deep = dcgan.build_models(config(depth=3))
+    assert isinstance(deep["D"], dcgan.DepthDiscriminator)
+    assert {k: v.shape for k, v in deep["G"].state_dict().items()} == {k: v.shape for k, v in default["G"].state_dict().items()}
+    big = dcgan.build_models(config(img_size=64, channels=3, depth=2, upsample="bilinear"))
+    assert big["G"](torch.randn(2, 16)).shape == (2, 3, 64, 64) and big["D"](torch.randn(2, 3, 64, 64)).shape == (2,)
+    assert big["D"].net[-1].weight.std() < 0.03  # the linear layer starts from N(0, 0.02) too
+
+
+@pytest.mark.parametrize("arch,depth", [("conv", None), ("conv", 2), ("mlp", None)])
+def test_leaky_slope_sets_every_discriminator_leaky_relu(arch, depth):
+    for slope in (0.2, 0.1):
+        kw = {} if slope == 0.2 else {"leaky_slope": slope}  # a config without the key keeps 0.2
+        models = dcgan.build_models(config(arch=arch, depth=depth, img_size=32, **kw))
+        slopes = [m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)]
+        assert len(slopes) >= 2 and set(slopes) == {slope}
+        assert not any(isinstance(m, nn.LeakyReLU) for m in models["G"].modules())
+
+
+def test_csi5340_loss_is_mse_on_the_sigmoid_with_d_halved():
+    r = torch.tensor([2.0, -1.0, 0.5], requires_grad=True)
+    f = torch.tensor([-0.3, 1.2, -2.0, 0.7], requires_grad=True)
+    mse = nn.MSELoss()
+    D_r, D_f = torch.sigmoid(r), torch.sigmoid(f)
+    expected_D = (mse(D_f, torch.zeros(4)) + mse(D_r, torch.ones(3))) / 2  # disc_loss = (mse(fake, 0) + mse(real, 1)) / 2
+    expected_G = mse(D_f, torch.ones(4))  # gen_loss = mse(fake, 1)
+    loss_D = dcgan.discriminator_loss("sigmoid_mse", r, f)
+    loss_G = dcgan.generator_loss("sigmoid_mse", f)
+    assert torch.allclose(loss_D, expected_D) and torch.allclose(loss_G, expected_G)
+    assert not torch.allclose(loss_D, dcgan.discriminator_loss("lsgan", r, f))
+    # the gradients by hand: d/dl sigmoid(l) = s (1 - s)
+    s_r, s_f = D_r.detach(), D_f.detach()
+    grad_r, grad_f = torch.autograd.grad(loss_D, (r, f))
+    assert torch.allclose(grad_r, (s_r - 1) * s_r * (1 - s_r) / 3)
+    assert torch.allclose(grad_f, s_f * s_f * (1 - s_f) / 4)
+    (grad_G,) = torch.autograd.grad(loss_G, f)
+    assert torch.allclose(grad_G, 2 * (s_f - 1) * s_f * (1 - s_f) / 4)
+    assert torch.equal(dcgan.discriminator_output("sigmoid_mse", r), torch.sigmoid(r))  # D_x and D_G_z are probabilities
 
 
 # --- training aids: augmentation, EMA, dtype -----------------------------------------------
@@ -336,6 +415,38 @@ def test_resume_takes_a_typed_flag_even_at_its_default(tiny_mnist, tmp_path):
     assert {g["lr"] for opt in ckpt["optimizers"].values() for g in opt["param_groups"]} == {2e-4}
     proc = run_script("dcgan.py", "--max_iters", "4", "--resume", *common, "--ngf", "16", check=False)
     assert "--ngf cannot change" in one_error_line(proc)
+
+
+def test_csi5340_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, capsys):
+    # the README's CSI5340 command, shortened: the checkpoint's config rebuilds the deep networks for evaluate.py
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--depth", "2", "--loss", "sigmoid_mse",
+                  "--leaky_slope", "0.1", "--log_interval", "1", *TINY]
+        dcgan.main(["--max_iters", "2", *common])
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert (ckpt["config"]["depth"], ckpt["config"]["loss"], ckpt["config"]["leaky_slope"]) == (2, "sigmoid_mse", 0.1)
+        models = dcgan.load_models(ckpt, "cpu")
+        assert isinstance(models["D"], dcgan.DepthDiscriminator)
+        assert {m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
+        assert dcgan.generate(models, dcgan.sample_latent(ckpt["config"], 3, "cpu")).shape == (3, 1, 32, 32)
+        rows = read_log(out)
+        assert all(0 < r["D_x"] < 1 and np.isfinite(r["loss_G"]) for r in rows)  # sigmoid outputs are logged
+        for flag, value in (("--depth", "3"), ("--leaky_slope", "0.2"), ("--loss", "lsgan")):
+            with pytest.raises(SystemExit):
+                dcgan.main(["--max_iters", "3", "--resume", *common, flag, value])
+            assert f"{flag} cannot change in a resumed run" in capsys.readouterr().err
+        dcgan.main(["--max_iters", "3", "--resume", *common])
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+        for bad, message in ((["--arch", "mlp"], "--arch mlp"), (["--img_size", "28", "--depth", "3"], "multiple of 2^depth = 8"),
+                             (["--leaky_slope", "-0.1"], "--leaky_slope -0.1")):
+            with pytest.raises(SystemExit):
+                dcgan.main(["--max_iters", "1", *common, "--out_dir", str(tmp_path / "bad"), *bad])
+            assert message in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_non_finite_weights_never_reach_a_checkpoint(tiny_mnist, tmp_path, monkeypatch):

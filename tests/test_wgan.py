@@ -81,6 +81,48 @@ def test_critic_is_the_dcgan_discriminator_without_sigmoid():
     assert [m.out_channels for m in G.modules() if isinstance(m, nn.ConvTranspose2d)] == [1024, 512, 256, 128, 3]
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_depth_builds_the_csi5340_generator_and_critic(depth):
+    # Critic: conv, LeakyReLU, (depth - 1) x (conv, norm, LeakyReLU), conv, LeakyReLU, linear to 1, no sigmoid
+    for mode, norm, norm_type in (("clip", "batch", nn.BatchNorm2d), ("gp", "layer", nn.GroupNorm)):
+        models = wgan.build_models(config(depth=depth, nz=100, ngf=8, ndf=8, mode=mode, critic_norm=norm))
+        G, D = models["G"], models["D"]
+        assert [type(m) for m in G.net] == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * depth + [nn.ConvTranspose2d, nn.Tanh]
+        assert [type(m) for m in D.net] == ([nn.Conv2d, nn.LeakyReLU] + [nn.Conv2d, norm_type, nn.LeakyReLU] * (depth - 1)
+                                            + [nn.Conv2d, nn.LeakyReLU, nn.Flatten, nn.Linear])
+    start, top = 32 // 2 ** depth, 8 * 2 ** (depth - 1)
+    x = torch.randn(2, 100, 1, 1)
+    shapes = []
+    for layer in G.net:
+        x = layer(x)
+        if isinstance(layer, nn.ConvTranspose2d):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(top // 2 ** i, start * 2 ** i, start * 2 ** i) for i in range(depth)] + [(1, 32, 32)]
+    shapes = []
+    for layer in D.net:
+        x = layer(x)
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(8 * 2 ** i, 16 // 2 ** i, 16 // 2 ** i) for i in range(depth)] + [(top, 1, 1), (1,)]
+    with torch.no_grad():  # an unbounded score
+        D.net[-1].weight.mul_(1e4)
+        assert D(torch.randn(8, 1, 32, 32)).abs().max() > 1
+
+
+def test_without_depth_the_dcgan_tables_stay_and_leaky_slope_sets_the_critic():
+    default = wgan.build_models(config())
+    assert isinstance(default["D"], wgan.Critic) and not any(isinstance(m, nn.Linear) for m in default["D"].modules())
+    deep = wgan.build_models(config(depth=3))
+    assert isinstance(deep["D"], wgan.DepthCritic)
+    assert {k: v.shape for k, v in deep["G"].state_dict().items()} == {k: v.shape for k, v in default["G"].state_dict().items()}
+    assert abs(deep["D"].net[-1].weight.std().item() - 0.02) < 0.01  # the linear layer starts from N(0, 0.02) too
+    for depth in (None, 2):
+        for slope in (0.2, 0.1):
+            kw = {} if slope == 0.2 else {"leaky_slope": slope}  # a config without the key keeps 0.2
+            D = wgan.build_models(config(depth=depth, **kw))["D"]
+            assert {m.negative_slope for m in D.modules() if isinstance(m, nn.LeakyReLU)} == {slope}
+
+
 def test_critic_norms():
     layer = wgan.build_models(config(critic_norm="layer"))["D"]
     norms = [m for m in layer.modules() if isinstance(m, nn.GroupNorm)]
@@ -463,6 +505,24 @@ def test_resume_takes_typed_flags_even_at_their_default_and_refuses_fixed_ones(t
     train("--max_iters", 4, "--resume", "--log_interval", 25, *common)  # 25 is the default, typed: it counts
     assert [r["step"] for r in read_log(out)] == [1, 2, 4]
     assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["log_interval"] == 25
+
+
+def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, capsys, one_thread):
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--n_critic", 1, "--depth", 2, "--leaky_slope", 0.1, *TINY]
+    for mode, norm in (("clip", nn.BatchNorm2d), ("gp", nn.GroupNorm)):  # the handout's batch norm, and layer norm with the penalty
+        train("--max_iters", 2, "--mode", mode, *common, "--out_dir", out / mode)
+        ckpt = torch.load(out / mode / "ckpt.pt", weights_only=True)
+        assert (ckpt["config"]["depth"], ckpt["config"]["leaky_slope"]) == (2, 0.1)
+        models = wgan.load_models(ckpt, "cpu")
+        assert isinstance(models["D"], wgan.DepthCritic) and any(isinstance(m, norm) for m in models["D"].modules())
+        assert wgan.generate(models, wgan.sample_latent(ckpt["config"], 3, "cpu")).shape == (3, 1, 32, 32)
+    line = main_error(capsys, "--max_iters", 3, "--resume", *common, "--out_dir", out / "gp", "--depth", 3)
+    assert "--depth cannot change in a resumed run" in line
+    train("--max_iters", 3, "--resume", *common, "--out_dir", out / "gp")
+    assert torch.load(out / "gp" / "ckpt.pt", weights_only=True)["step"] == 3
+    assert "multiple of 2^depth = 8" in main_error(capsys, *common, "--img_size", 28, "--depth", 3, "--out_dir", out / "bad")
+    assert "--leaky_slope 1.5" in main_error(capsys, *common, "--leaky_slope", 1.5, "--out_dir", out / "bad")
 
 
 DDP_GRADIENT_CHECK = r'''
