@@ -28,7 +28,7 @@ CELEBA_TRAIN = 192_469  # all 202,599 CelebA faces less data/celeba/prepare.py's
 CELEBA_EPOCHS = 25      # the 2018 assignment gives no length: 25 epochs, DCGAN-tensorflow's default
 
 DCGAN_HANDOUT = dict(lr=2e-4, beta1=0.5, ema_decay=0.0, augment="none")
-DLCV_GAN = dict(DCGAN_HANDOUT, dataset="celeba/dlcv", img_size=64, batch_size=64, nz=100)
+DLCV_GAN = dict(DCGAN_HANDOUT, dataset="celeba/dlcv", img_size=64, batch_size=64, nz=100, leaky_slope=0.1)
 
 HANDOUT_RUNS = {
     # The MNIST DCGAN homework: latent-dim and hidden-dim 16 by default, then 100 (four runs), and an MLP GAN.
@@ -55,10 +55,10 @@ HANDOUT_RUNS = {
                                     max_iters=iterations(300, DLCV_FACES, 64) // 5)),
     "out/acgan_smiling": ("cgan", dict(DLCV_GAN, model="acgan", attr="Smiling", ngf=64, ndf=64,
                                        max_iters=iterations(300, DLCV_FACES, 64))),
-    "out/infogan_faces": ("cgan", dict(DLCV_GAN, model="infogan", nz=64, cat_codes=5, cat_dim=10, cont_codes=0,
+    "out/infogan_faces": ("cgan", dict(DLCV_GAN, model="infogan", nz=64, cat_codes=5, cat_dim=10, cont_codes=0, three_optimizers=True,
                                        max_iters=iterations(300, DLCV_FACES, 64))),
     "out/infogan_faces_mnist_setup": ("cgan", dict(DLCV_GAN, model="infogan", nz=62, cat_codes=1, cat_dim=10,
-                                                   cont_codes=2, max_iters=iterations(300, DLCV_FACES, 64))),
+                                                   cont_codes=2, three_optimizers=True, max_iters=iterations(300, DLCV_FACES, 64))),
     # The 2018 image-generation assignment: 64x64 faces, "a latent dimension on the order of 10^2"; the three
     # upsampling schemes; LSGAN; WGAN with W_D clipped to [-0.05, 0.05]; IWAE with 5 importance samples; flows.
     "out/dcgan_nearest": ("dcgan", dict(DCGAN_HANDOUT, dataset="celeba", img_size=64, upsample="nearest", batch_size=128,
@@ -76,7 +76,12 @@ HANDOUT_RUNS = {
     "out/vae_iaf": ("vae", dict(flow="iaf")),
     "out/vae_nearest": ("vae", dict(dataset="celeba", img_size=64, arch="conv", latent_dim=100, upsample="nearest",
                                     max_iters=iterations(CELEBA_EPOCHS, CELEBA_TRAIN, 64))),
-    # CSI5340 assignment 4: "z_dim = 100, lr = 3e-4, depth = 5" on MNIST, depth 1 to 5.
+    # CSI5340 assignment 4: "z_dim = 100, lr = 3e-4, depth = 5" on MNIST, "as deep as five layers and as shallow
+    # as one"; its GAN loss is mse on D's sigmoid (no batch size or length given).
+    **{f"out/dcgan_depth{d}": ("dcgan", dict(DCGAN_HANDOUT, dataset="mnist", depth=d, nz=100, lr=3e-4, loss="sigmoid_mse"))
+       for d in range(1, 6)},
+    **{f"out/wgan_depth{d}": ("wgan", dict(dataset="mnist", depth=d, nz=100, lr=3e-4, ema_decay=0.0, augment="none"))
+       for d in range(1, 6)},
     **{f"out/vae_depth{d}": ("vae", dict(arch="conv", depth=d, latent_dim=100, lr=3e-4)) for d in range(1, 6)},
 }
 
