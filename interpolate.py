@@ -2,7 +2,8 @@
 
     python interpolate.py --ckpt out/dcgan/ckpt.pt                    # pairs + traversals
     python interpolate.py --ckpt out/dcgan/ckpt.pt --mode pairs --steps 10 --extrapolate 3 --method slerp
-    python interpolate.py --ckpt out/vae/ckpt.pt --mode pixel --steps 11   # latent vs pixel space, a = 0, 0.1, ..., 1
+    python interpolate.py --ckpt out/wgan/ckpt.pt --mode pixel --steps 11  # latent vs pixel space, a = 0, 0.1, ..., 1
+    python interpolate.py --compare out/dcgan_nearest/ckpt.pt out/dcgan_bilinear/ckpt.pt   # the same noise through each model
     python interpolate.py --ckpt out/cgan/ckpt.pt --mode classes      # the same noise under every class
     python interpolate.py --ckpt out/infogan/ckpt.pt --mode codes     # InfoGAN: each code varied, noise fixed per row
 
@@ -12,16 +13,23 @@ Modes (default --mode all: every one that applies to the checkpoint):
             beyond both ends, as that homework asks too)
   traverse  one row per latent dimension in --dims, which takes --steps values over [-range, range]
             while all other dimensions keep the values of one random z (the 2018 image-generation assignment's traversals)
-  pixel     VAEs: for pairs of test images x0, x1 with posterior means z0, z1, decode(z(t)) above
-            (1 - t) x0 + t x1 (the 2018 image-generation assignment's latent vs pixel comparison)
+  pixel     for random pairs (z0, z1) and their images x0 = G(z0), x1 = G(z1): G(z(t)) above (1 - t) x0 + t x1,
+            so both rows start on x0 and end on x1 (the 2018 image-generation assignment's latent vs pixel
+            comparison, section 5c); --endpoints test (VAEs) takes z0, z1 as the posterior means of test images
   classes   conditional models: one column per noise vector, one row per class (DLCV (2018) HW4, problem 3)
   codes     InfoGAN: per categorical code, its categories across the columns; per continuous code,
             --steps values over [-code_range, code_range]; one noise (and other codes) per row (DLCV (2018) HW4, bonus)
 
 Every grid is a PNG in --out_dir (default: the checkpoint's folder + /interpolations) with the column values
 on top and the row names on the left; the paths are printed.
+
+--compare CKPT CKPT ... draws one grid instead, compare.png (default: in the folder that holds the first run's
+folder): the same --n_noise latents through every checkpoint, one row each, named by its run folder, the flags
+that differ between the runs and the FID of the evaluate.py --json file beside it (--fid_json, default evaluate.json, the name bench.py uses).
+This is the 2018 image-generation assignment's upsampling comparison (section 3).
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -34,6 +42,9 @@ from torchvision.utils import make_grid
 from evaluate import OneLineParser, import_script, load_checkpoint, load_models, resolve_device
 
 MODES = ("pairs", "traverse", "pixel", "classes", "codes")
+# flags that do not change the model, left out of --compare's row names
+MAX_FLAGS_SHOWN = 4
+BOOKKEEPING = {"out_dir", "data_dir", "resume", "device", "dtype", "compile", "log_interval", "sample_interval", "ckpt_interval"}
 PAD = 2  # pixels of white between grid cells
 MIN_CELL = 64  # cells are upscaled (nearest) by an integer factor to at least this many pixels
 
@@ -115,21 +126,40 @@ def generate_grid(module, models, z, labels=None):
     return torch.stack(columns, 1)
 
 
-def pairs_grid(module, models, config, args, g):
-    z0 = module.sample_latent(config, args.pairs, args.device, generator=g)
-    z1 = module.sample_latent(config, args.pairs, args.device, generator=g)
+def endpoint_latents(module, models, config, args, g):
+    """--pairs pairs (z0, z1): random draws, or (--endpoints test, VAEs) the posterior means of 2 x pairs test images."""
+    if args.endpoints == "random":
+        return (module.sample_latent(config, args.pairs, args.device, generator=g),
+                module.sample_latent(config, args.pairs, args.device, generator=g))
+    images, _ = module.real_images(config, "test")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2 * args.pairs]
+    if len(pick) < 2 * args.pairs:
+        raise ValueError(f"--pairs {args.pairs}: the test split has only {len(images)} images")
+    mu = module.encode(models, images[pick].to(args.device).float().div(255))[0]
+    return mu[:args.pairs], mu[args.pairs:]
+
+
+def latent_paths(module, models, config, args, g):
+    """z(t) from z0 to z1 for each pair: (z (P, T, D), the t's, class labels (P, T) or None, the row names).
+    Only the noise moves: InfoGAN's codes stay those of z0; an ACGAN row keeps one random class."""
+    z0, z1 = endpoint_latents(module, models, config, args, g)
     mask = noise_mask(module, config, z0.shape[1], z0.device)
-    z1 = torch.where(mask, z1, z0)  # codes (InfoGAN) stay those of z0: only the noise moves
+    z1 = torch.where(mask, z1, z0)
     ts = interpolation_coefficients(args.steps, args.extrapolate)
     z = z0[:, None].repeat(1, len(ts), 1)
     z[:, :, mask] = interpolate(z0[:, mask], z1[:, mask], ts, args.method)
     labels = random_labels(config, args.pairs, z.device, g)
-    rows = [f"pair {p}" for p in range(args.pairs)]
+    names = [str(p) for p in range(args.pairs)]
     if labels is not None:
-        rows = [f"{r}: class {class_names(config)[c]}" for r, c in zip(rows, labels.tolist())]
+        names = [f"{n}: class {class_names(config)[c]}" for n, c in zip(names, labels.tolist())]
         labels = labels[:, None].expand(-1, len(ts))
+    return z, ts, labels, names
+
+
+def pairs_grid(module, models, config, args, g):
+    z, ts, labels, names = latent_paths(module, models, config, args, g)
     ext = f", {args.extrapolate} extrapolated beyond each end" if args.extrapolate else ""
-    return {"name": f"pairs_{args.method}", "images": generate_grid(module, models, z, labels), "rows": rows,
+    return {"name": f"pairs_{args.method}", "images": generate_grid(module, models, z, labels), "rows": [f"pair {n}" for n in names],
             "cols": [f"{t:.2f}" for t in ts], "title": f"{args.method} from z0 (t=0) to z1 (t=1){ext}", "latents": z}
 
 
@@ -164,21 +194,18 @@ def traverse_grid(module, models, config, args, g):
 
 
 def pixel_grid(module, models, config, args, g):
-    images, _ = module.real_images(config, "test")
-    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2 * args.pairs]
-    if len(pick) < 2 * args.pairs:
-        raise ValueError(f"--pairs {args.pairs}: the test split has only {len(images)} images")
-    x = images[pick].to(args.device).float().div(255)
-    x0, x1 = x[:args.pairs], x[args.pairs:]
-    with torch.no_grad():
-        z0, z1 = module.encode(models, x0)[0], module.encode(models, x1)[0]  # posterior means
-    ts = interpolation_coefficients(args.steps, args.extrapolate)
-    latent = generate_grid(module, models, interpolate(z0, z1, ts, args.method))
-    pixel = interpolate(x0.flatten(1), x1.flatten(1), ts, "lerp").clamp(0, 1).view(args.pairs, len(ts), *x.shape[1:])
+    """The 2018 image-generation assignment, 5c: x0 = G(z0) and x1 = G(z1), then G(z(t)) above (1 - t) x0 + t x1.
+    Both rows start on the same image and end on the same image; they differ in between."""
+    z, ts, labels, names = latent_paths(module, models, config, args, g)
+    latent = generate_grid(module, models, z, labels)
+    first, last = args.extrapolate, args.extrapolate + args.steps - 1  # the columns of t = 0 and t = 1
+    x0, x1 = latent[:, first], latent[:, last]
+    t = torch.tensor(ts, dtype=x0.dtype, device=x0.device).view(1, -1, 1, 1, 1)
+    pixel = lerp(x0[:, None], x1[:, None], t).clamp(0, 1)  # clamped where t extrapolates
     grid = torch.stack([latent, pixel], 1).flatten(0, 1)  # rows: latent 0, pixel 0, latent 1, pixel 1, ...
-    rows = [f"{kind} {p}" for p in range(args.pairs) for kind in ("latent", "pixel")]
+    rows = [f"{kind} {n}" for n in names for kind in ("latent", "pixel")]
     return {"name": "pixel", "images": grid, "rows": rows, "cols": [f"{t:.2f}" for t in ts],
-            "title": f"decode({args.method} of the means) vs (1-t) x0 + t x1"}
+            "title": f"G({args.method} of z0, z1) vs (1-t) G(z0) + t G(z1)"}
 
 
 def classes_grid(module, models, config, args, g):
@@ -214,14 +241,57 @@ def code_grids(module, models, config, args, g):
 
 
 def applicable_modes(module, config):
-    modes = ["pairs", "traverse"]
-    if hasattr(module, "encode") and hasattr(module, "real_images"):
-        modes.append("pixel")
+    modes = ["pairs", "traverse", "pixel"]
     if config.get("n_classes"):
         modes.append("classes")
     if hasattr(module, "latent_layout") and any(p["kind"] != "noise" for p in module.latent_layout(config)):
         modes.append("codes")
     return modes
+
+
+def run_label(path, config, differing, fid_json):
+    """A --compare row name: the run's folder, its values of the flags that differ between the runs, and the FID
+    that evaluate.py --json wrote beside the checkpoint (with its step when it is not the checkpoint's)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    parts = [os.path.basename(folder)] + [f"{k}={config.get(k)}" for k in differing]
+    report_path = os.path.join(folder, fid_json)
+    if not os.path.exists(report_path):
+        return ", ".join(parts)
+    try:
+        with open(report_path) as f:
+            report = json.load(f)
+        fid, step = report["metrics"].get("fid"), report.get("source", {}).get("step")
+    except (OSError, ValueError, KeyError, AttributeError):
+        raise ValueError(f"{report_path} is not an evaluate.py --json report") from None
+    if isinstance(fid, (int, float)):  # a report without the fid row (--metrics kid, say) names no FID
+        parts.append(f"FID {fid:.1f}" + (f" (step {step})" if step != config.get("step") else ""))
+    return ", ".join(parts)
+
+
+def compare_grid(args):
+    """The same latents through several checkpoints, one row each (the 2018 image-generation assignment, section 3:
+    the upsampling schemes side by side). An ACGAN draws the classes 0, 1, 2, ... along the row."""
+    runs = []
+    for path in args.compare:
+        ckpt = load_checkpoint(path)
+        module = import_script(ckpt["script"])
+        if not (hasattr(module, "sample_latent") and hasattr(module, "generate")):
+            raise ValueError(f"--compare {path}: {ckpt['script']}.py has no latent space to draw")
+        config = {**ckpt["config"], "step": ckpt.get("step")}
+        runs.append((path, module, load_models(module, ckpt, path, args.device), config))
+    latents = [module.sample_latent(config, args.n_noise, args.device, generator=torch.Generator(device=args.device).manual_seed(args.seed))
+               for _, module, _, config in runs]
+    images = [module.generate(models, z) for (_, module, models, _), z in zip(runs, latents)]
+    sizes = [(z.shape[1], tuple(x.shape[1:])) for z, x in zip(latents, images)]
+    if len(set(sizes)) > 1:
+        raise ValueError("--compare: the same noise cannot go through checkpoints of different latent or image sizes ("
+                         + "; ".join(f"{run[0]}: latent {n}, images {shape}" for run, (n, shape) in zip(runs, sizes)) + ")")
+    configs = [run[3] for run in runs]
+    shared = set.intersection(*(set(c) for c in configs)) - BOOKKEEPING - {"step"}
+    differing = sorted(k for k in shared if len({json.dumps(c[k], sort_keys=True) for c in configs}) > 1)[:MAX_FLAGS_SHOWN]
+    rows = [run_label(path, config, differing, args.fid_json) for path, _, _, config in runs]
+    return {"name": "compare", "images": torch.stack(images), "rows": rows, "cols": [f"z{j}" for j in range(args.n_noise)],
+            "title": "the same noise (column) through each checkpoint (row)"}
 
 
 # -----------------------------------------------------------------------------
@@ -289,20 +359,30 @@ def save_grid(grid, out_dir):
 
 def get_args(argv=None):
     p = OneLineParser(prog="interpolate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint of a model script (ckpt.pt)")
+    p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt)")
+    p.add_argument("--compare", nargs="+", metavar="CKPT",
+                   help="instead of --ckpt: two or more checkpoints, drawn from the same noise, one row each, into compare.png")
+    p.add_argument("--fid_json", default="evaluate.json",
+                   help="compare: the evaluate.py --json file beside each checkpoint whose FID goes into its row name (if present)")
     p.add_argument("--mode", default="all", help=f"comma-separated subset of {','.join(MODES)}, or all (those that apply)")
-    p.add_argument("--pairs", type=int, default=5, help="pairs: rows (random latent pairs); pixel: pairs of test images")
+    p.add_argument("--pairs", type=int, default=5, help="pairs, pixel: latent pairs (z0, z1), one row each (pixel: two rows each)")
+    p.add_argument("--endpoints", default="random", choices=["random", "test"],
+                   help="pairs, pixel: z0, z1 drawn at random, or (VAEs) the posterior means of two test images")
     p.add_argument("--steps", type=int, default=10, help="points from t=0 to t=1 (pairs, pixel), values of a traversal or continuous code")
     p.add_argument("--method", default="lerp", choices=["lerp", "slerp"], help="linear or spherical interpolation of the latents")
     p.add_argument("--extrapolate", type=int, default=0, metavar="E", help="pairs, pixel: E more points of the same spacing beyond each end")
     p.add_argument("--dims", default=None, help="traverse: comma-separated latent dimensions (default the first 8 noise dimensions)")
     p.add_argument("--range", type=float, default=3.0, help="traverse: each dimension goes over [-range, range]")
-    p.add_argument("--n_noise", type=int, default=10, help="classes: columns (noise vectors); codes: rows")
+    p.add_argument("--n_noise", type=int, default=10, help="classes, compare: columns (noise vectors); codes: rows")
     p.add_argument("--code_range", type=float, default=2.0, help="codes: continuous codes go over [-code_range, code_range]")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the test images picked")
     p.add_argument("--out_dir", default=None, help="where the PNGs go (default: the checkpoint's folder/interpolations)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.compare is None):
+        p.error("give either --ckpt or --compare")
+    if args.compare is not None and len(args.compare) < 2:
+        p.error("--compare needs two or more checkpoints")
     for flag in ("pairs", "n_noise"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
@@ -317,13 +397,15 @@ def make_grids(module, models, config, args):
     """Every grid --mode asks for, each from its own seeded stream of latents."""
     if not (hasattr(module, "sample_latent") and hasattr(module, "generate")):
         raise ValueError(f"{config.get('script', 'this')}.py has no latent space to draw (no sample_latent/generate)")
+    if args.endpoints == "test" and not hasattr(module, "encode"):
+        raise ValueError(f"--endpoints test needs a VAE (encode); this {config.get('script', 'checkpoint')} has random endpoints only")
     available = applicable_modes(module, config)
     modes = available if args.mode == "all" else [m.strip() for m in args.mode.split(",") if m.strip()]
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"--mode {mode}: choose from {', '.join(MODES)} or all")
         if mode not in available:
-            need = {"pixel": "a VAE (encode)", "classes": "a class-conditional model (ACGAN)",
+            need = {"classes": "a class-conditional model (ACGAN)",
                     "codes": "a model with latent codes (InfoGAN)"}[mode]
             raise ValueError(f"--mode {mode} needs {need}; this {config.get('script', 'checkpoint')} allows {', '.join(available)}")
     builders = {"pairs": pairs_grid, "traverse": traverse_grid, "pixel": pixel_grid, "classes": classes_grid, "codes": code_grids}
@@ -346,13 +428,18 @@ def main(argv=None):
     args = get_args(argv)
     try:
         args.device = resolve_device(args.device)
-        ckpt = load_checkpoint(args.ckpt)
-        module = import_script(ckpt["script"])
-        models = load_models(module, ckpt, args.ckpt, args.device)
-        config = {**ckpt["config"], "script": ckpt["script"]}
-        with torch.no_grad():
-            grids = make_grids(module, models, config, args)
-        out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "interpolations")
+        if args.compare:  # written beside the run folders: out/a/ckpt.pt, out/b/ckpt.pt -> out/compare.png
+            with torch.no_grad():
+                grids = [compare_grid(args)]
+            out_dir = args.out_dir or os.path.dirname(os.path.dirname(os.path.abspath(args.compare[0])))
+        else:
+            ckpt = load_checkpoint(args.ckpt)
+            module = import_script(ckpt["script"])
+            models = load_models(module, ckpt, args.ckpt, args.device)
+            config = {**ckpt["config"], "script": ckpt["script"]}
+            with torch.no_grad():
+                grids = make_grids(module, models, config, args)
+            out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "interpolations")
         make_out_dir(out_dir)
         for grid in grids:
             print(save_grid(grid, out_dir))

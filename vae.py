@@ -11,8 +11,8 @@ likelihood of 8-bit pixels of Salimans et al., "PixelCNN++", ICLR 2017 (--recon 
 The networks follow the course handouts: the fully connected 784-400-(20, 20)-400-784
 VAE (CIS 680 (2019) assignment 4, Table 1), a convolutional VAE for 64x64 faces (DLCV
 (2018) HW4: four strided convolutions, 512-d latent, batch norm, LeakyReLU 0.01) with
-a depth of 1 to 5 (CSI5340 assignment 4), IWAE with 5 importance samples and a flow
-posterior (the 2018 image-generation assignment).
+a depth of 1 to 5, CSI5340 assignment 4's own conv VAE (ReLU, an h_dim dense layer, a tanh output; --arch
+csi5340), IWAE with 5 importance samples and a flow posterior (the 2018 image-generation assignment).
 
     python vae.py                                      # MLP VAE on the embedded MNIST sample, 28x28
     python vae.py --arch conv                          # conv VAE, 32x32 digits
@@ -21,21 +21,26 @@ posterior (the 2018 image-generation assignment).
     python vae.py --arch conv --img_size 28 --depth 2 --latent_dim 32 --recon dlogistic --lr 2e-3 --max_iters 2500 \
         --out_dir out/vae_dlogistic                    # a likelihood of 8-bit pixels: about 1.46 bits/dim on test
     python vae.py --dataset celeba --img_size 64 --arch conv --depth 4 --latent_dim 512 --recon mse --kl_weight 0.24
+    python vae.py --arch csi5340 --depth 5 --latent_dim 100 --lr 3e-4 --recon mse_mean --kl_weight 1e-3   # KL_factor 1e-3
     torchrun --nproc_per_node=2 vae.py                 # DistributedDataParallel
 
 The per-image loss: the reconstruction term is summed over pixels (binary cross
-entropy, squared error in [0, 1] pixel units, or -log P of the 8-bit pixel levels),
+entropy, squared error in the decoder's units, or -log P of the 8-bit pixel levels),
 the KL term is summed over latent dimensions, and --kl_weight multiplies the KL term;
 the loss is their batch mean. With --recon bce or dlogistic and --kl_weight 1 this is
-the negative ELBO of a Bernoulli or discretised-logistic decoder. DLCV HW4 took means
-instead (MSE over pixels + 1e-2 x KL averaged over latent dims); the same balance here
-is --kl_weight 1e-2 * D / latent_dim (0.24 for 64x64x3 and 512).
+the negative ELBO of a Bernoulli or discretised-logistic decoder. --recon mse_mean
+averages the squared error over pixels instead, as CSI5340 assignment 4 does
+(mse(x, x') + KL_factor * KL): with it --kl_weight is that KL_factor, and with --recon mse
+it is KL_factor * D. DLCV HW4 averaged both terms (MSE over pixels + 1e-2 x KL averaged
+over latent dims); the same balance here is --kl_weight 1e-2 * D / latent_dim (0.24 for
+64x64x3 and 512).
 
 Everything the run makes goes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE),
-samples/step_*.png, reconstructions.png, latents.png, log.jsonl, curves.png and
+samples/step_*.png, reconstructions/step_*.png, latents.png, log.jsonl, curves.png and
 config.json.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -54,6 +59,7 @@ CHECKPOINT_FORMAT = 1
 LOG_2PI = math.log(2 * math.pi)
 SIGMA_LR_SCALE = 50.0  # learning rate of the decoder's log-sigma (--recon mse) relative to --lr
 LOG_SCALE_MIN = -7.0  # floor of the discretised logistic's log-scale, as in PixelCNN++
+GAUSSIAN_RECON = ("mse", "mse_mean")  # the squared-error losses, whose decoder carries a Gaussian's sigma
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +151,8 @@ class MLPDecoder(nn.Module):
     """CIS 680 Table 1, FC 3 and FC 4: latent (20) -> 400 (ReLU) -> D (sigmoid, applied by the caller);
     2D outputs for --recon dlogistic."""
 
+    tanh = False  # outputs logits; the image is their sigmoid
+
     def __init__(self, latent_dim, hidden, channels, img_size, recon):
         super().__init__()
         self.shape = (likelihood_channels(channels, recon), img_size, img_size)
@@ -195,6 +203,8 @@ class ConvDecoder(nn.Module):
     latent (512) -> 256 x 4 x 4 -> 128 x 8 x 8 -> 64 x 16 x 16 -> 32 x 32 x 32 -> C x 64 x 64 (logits; 2C for dlogistic)
     """
 
+    tanh = False
+
     def __init__(self, latent_dim, channels, img_size, depth, width, upsample, recon):
         super().__init__()
         self.start = (width * 2 ** (depth - 1), img_size // 2 ** depth, img_size // 2 ** depth)
@@ -212,6 +222,64 @@ class ConvDecoder(nn.Module):
         return float32_output(self.net[-1], self.net[:-1](self.fc(z).view(-1, *self.start)))
 
 
+class CSI5340Encoder(nn.Module):
+    """CSI5340 assignment 4, Module 1 (a): depth strided 4x4 convolutions (BN, ReLU), a dense layer to h_dim, and
+    the mean and log-variance heads branched from it. Images enter in [-1, 1], the range of its tanh decoder.
+
+    For img_size 32, depth 3, width 32, h_dim 1024:
+    C x 32 x 32 -> 32 x 16 x 16 -> 64 x 8 x 8 -> 128 x 4 x 4 -> (2048) -> 1024 -> mean, log-variance (latent_dim)
+    """
+
+    def __init__(self, channels, img_size, depth, width, h_dim, latent_dim):
+        super().__init__()
+        layers, in_ch = [], channels
+        for i in range(depth):
+            layers += [nn.Conv2d(in_ch, width * 2 ** i, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2 ** i), nn.ReLU(True)]
+            in_ch = width * 2 ** i
+        # the report's pseudocode has no activation after linear(h_dim), and neither has this
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(in_ch * (img_size // 2 ** depth) ** 2, h_dim))
+        self.feature_dim = h_dim
+        self.fc_mu = nn.Linear(h_dim, latent_dim)
+        self.fc_logvar = nn.Linear(h_dim, latent_dim)
+
+    def forward(self, x):
+        h = self.body(2 * x - 1)
+        return self.fc_mu(h), self.fc_logvar(h), h
+
+
+def csi5340_first_map(img_size, depth):
+    """Side of the CSI5340 decoder's first feature map: its depth - 1 transposed convs double it up to img_size."""
+    return img_size // 2 ** (depth - 1)
+
+
+class CSI5340Decoder(nn.Module):
+    """CSI5340 assignment 4, Module 1 (b): a dense layer from the latent to h_dim, read as the first feature map
+    (h_dim / s^2 channels of s x s), depth - 1 transposed convs (BN, ReLU) that double the size, then a 3x3 conv,
+    BN and tanh. It returns the image in [-1, 1].
+
+    For img_size 32, depth 3, width 32, h_dim 1024:
+    latent -> 1024 = 16 x 8 x 8 -> 64 x 16 x 16 -> 32 x 32 x 32 -> C x 32 x 32 (tanh)
+    """
+
+    tanh = True
+
+    def __init__(self, latent_dim, channels, img_size, depth, width, h_dim, upsample, recon):
+        super().__init__()
+        side = csi5340_first_map(img_size, depth)
+        self.start = (h_dim // side ** 2, side, side)
+        self.fc = nn.Linear(latent_dim, h_dim)
+        layers, in_ch = [], self.start[0]
+        for i in reversed(range(depth - 1)):
+            layers += [upsample_block(in_ch, width * 2 ** i, upsample), nn.BatchNorm2d(width * 2 ** i), nn.ReLU(True)]
+            in_ch = width * 2 ** i
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Sequential(nn.Conv2d(in_ch, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.Tanh())
+        add_likelihood(self, recon)
+
+    def forward(self, z):
+        return float32_output(self.out, self.net(self.fc(z).view(-1, *self.start)))
+
+
 def add_likelihood(decoder, recon):
     """What p(x|z) the decoder stands for: Bernoulli logits (bce), a Gaussian with one learned sigma (mse), or a
     discretised logistic per pixel whose mean and scale the decoder outputs (dlogistic).
@@ -220,7 +288,7 @@ def add_likelihood(decoder, recon):
     of the rest is unchanged and sigma^2 tracks the mean squared error; it is needed for a proper density.
     """
     decoder.recon = recon
-    if recon == "mse":
+    if recon in GAUSSIAN_RECON:
         decoder.log_sigma = nn.Parameter(torch.zeros(()))
 
 
@@ -313,6 +381,9 @@ def build_models(config):
     if config["arch"] == "mlp":
         encoder = MLPEncoder(c * s * s, config["hidden"], L)
         decoder = MLPDecoder(L, config["hidden"], c, s, config["recon"])
+    elif config["arch"] == "csi5340":
+        encoder = CSI5340Encoder(c, s, config["depth"], config["width"], config["h_dim"], L)
+        decoder = CSI5340Decoder(L, c, s, config["depth"], config["width"], config["h_dim"], config["upsample"], config["recon"])
     else:
         encoder = ConvEncoder(c, s, config["depth"], config["width"], L)
         decoder = ConvDecoder(L, c, s, config["depth"], config["width"], config["upsample"], config["recon"])
@@ -385,19 +456,31 @@ def discretised_logistic_mean(decoded):
     return total / 255
 
 
-def decoder_mean(recon, decoded):
-    """The mean image of p(x|z) in [0, 1]: sigmoid(logits), or the discretised logistic's mean."""
-    return discretised_logistic_mean(decoded) if recon == "dlogistic" else torch.sigmoid(decoded)
+def decoder_mean(decoder, decoded):
+    """The mean image of p(x|z) in [0, 1]: sigmoid(logits), a tanh output mapped from [-1, 1], or the discretised
+    logistic's mean."""
+    if decoder.recon == "dlogistic":
+        return discretised_logistic_mean(decoded)
+    return (decoded + 1) / 2 if decoder.tanh else torch.sigmoid(decoded)
 
 
-def reconstruction_loss(kind, x, decoded):
-    """The training reconstruction term per image: summed BCE, summed squared error of sigmoid(logits), or
-    -log P of the 8-bit pixels (dlogistic)."""
+def squared_error(x, decoded, tanh):
+    """(x' - x)^2 per pixel, in the decoder's units: [0, 1] for sigmoid(logits); [-1, 1] for a tanh output
+    (CSI5340), where x is rescaled to [-1, 1] too, so the error is 4 times that in [0, 1] units."""
+    if tanh:
+        return (decoded - (2 * x - 1)).pow(2)
+    return (torch.sigmoid(decoded) - x).pow(2)
+
+
+def reconstruction_loss(kind, x, decoded, tanh=False):
+    """The training reconstruction term per image: summed BCE, the squared error summed (mse) or averaged
+    (mse_mean, CSI5340's mse(x, x')) over pixels, or -log P of the 8-bit pixels (dlogistic)."""
     if kind == "bce":
         return -bernoulli_log_likelihood(x, decoded)
     if kind == "dlogistic":
         return -discretised_logistic_log_likelihood(x, decoded)
-    return (torch.sigmoid(decoded) - x).pow(2).sum((-3, -2, -1))
+    error = squared_error(x, decoded, tanh)
+    return error.mean((-3, -2, -1)) if kind == "mse_mean" else error.sum((-3, -2, -1))
 
 
 def gaussian_kl(mu, logvar):
@@ -424,7 +507,7 @@ def posterior_samples(mu, logvar, h, flow, k):
     return z, log_q
 
 
-def vae_loss(encoder, decoder, flow, x, recon_kind, kl_weight, k):
+def vae_loss(encoder, decoder, flow, x, recon_kind, kl_weight, k, tanh=False):
     """Minus the training bound, averaged over the batch, and the mean reconstruction and KL terms.
 
     k = 1 without a flow: the VAE of the handouts, reconstruction + kl_weight * KL with KL in closed form.
@@ -432,26 +515,30 @@ def vae_loss(encoder, decoder, flow, x, recon_kind, kl_weight, k):
     log w_j = -reconstruction(z_j) - kl_weight * (log q(z_j|x) - log p(z_j)), z_j ~ q(z|x); for k = 1 this is
     the ELBO with a one-sample Monte Carlo KL (the only KL a flow has). Only kl_weight = 1 makes it a bound
     on log p(x); other weights temper the prior-to-posterior ratio inside the average.
+    tanh: the decoder outputs images in [-1, 1] (CSI5340), not logits.
     Returns (loss, reconstruction (N,), KL (N,), decoder output (k*N or N images)).
     """
     mu, logvar, h = (t.float() for t in encoder(x))
     if k == 1 and flow is None:
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         decoded = decoder(z).float()
-        recon, kl = reconstruction_loss(recon_kind, x, decoded), gaussian_kl(mu, logvar)
+        recon, kl = reconstruction_loss(recon_kind, x, decoded, tanh), gaussian_kl(mu, logvar)
         return (recon + kl_weight * kl).mean(), recon, kl, decoded
     z, log_q = posterior_samples(mu, logvar, h, flow, k)
     decoded = decoder(z.flatten(0, 1)).float()
-    recon = reconstruction_loss(recon_kind, x, decoded.view(k, -1, *decoded.shape[1:]))  # (k, N)
+    recon = reconstruction_loss(recon_kind, x, decoded.view(k, -1, *decoded.shape[1:]), tanh)  # (k, N)
     kl = log_q - log_standard_normal(z)  # (k, N), one-sample Monte Carlo estimates
     bound = torch.logsumexp(-recon - kl_weight * kl, 0) - math.log(k)
     return -bound.mean(), recon.mean(0), kl.mean(0), decoded
 
 
-def decoder_sigma_loss(x, logits, log_sigma):
-    """The Gaussian NLL that fits the decoder's sigma alone (--recon mse): the decoder output is detached,
-    so the MSE training of everything else is unchanged, and the optimum is sigma^2 = the mean squared error."""
-    return gaussian_nll(x, torch.sigmoid(logits.detach()).view(-1, *x.shape), log_sigma).mean()
+def decoder_sigma_loss(x, decoded, log_sigma, tanh=False):
+    """The Gaussian NLL that fits the decoder's sigma alone (--recon mse, mse_mean): the decoder output is detached,
+    so the MSE training of everything else is unchanged, and the optimum is sigma^2 = the mean squared error
+    in [0, 1] units (a tanh output is mapped there)."""
+    decoded = decoded.detach()
+    mean = (decoded + 1) / 2 if tanh else torch.sigmoid(decoded)
+    return gaussian_nll(x, mean.view(-1, *x.shape), log_sigma).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -475,9 +562,9 @@ def sample_latent(config, n, device, generator=None):
 
 @torch.no_grad()
 def generate(models, z, labels=None):
-    """The decoder's mean in [0, 1] (for --recon bce the Bernoulli mean sigmoid(logits))."""
+    """The decoder's mean in [0, 1] (for --recon bce the Bernoulli mean sigmoid(logits); a tanh output mapped from [-1, 1])."""
     decoder = models["decoder"]
-    return decoder_mean(decoder.recon, decoder(z).float())
+    return decoder_mean(decoder, decoder(z).float())
 
 
 @torch.no_grad()
@@ -494,7 +581,7 @@ def encode(models, x):
 
 def log_likelihood(decoder, x, decoded):
     """log p(x|z) as a proper density on [0, 1]^D: continuous Bernoulli (bce), Gaussian with the learned sigma
-    (mse), or for dlogistic the discrete P(levels of x) spread evenly over each level's cell [k/256, (k+1)/256),
+    (mse, mse_mean), or for dlogistic the discrete P(levels of x) spread evenly over each level's cell [k/256, (k+1)/256),
     i.e. log P + D log 256.
 
     The Gaussian is a density on R^D; its mass outside [0, 1]^D is lost, so likelihoods from it are lower bounds.
@@ -505,7 +592,7 @@ def log_likelihood(decoder, x, decoded):
         return bernoulli_log_likelihood(x, decoded) + continuous_bernoulli_log_norm(decoded)
     if decoder.recon == "dlogistic":
         return discretised_logistic_log_likelihood(x, decoded) + x[0].numel() * math.log(256)
-    return -gaussian_nll(x, torch.sigmoid(decoded), decoder.log_sigma)
+    return -gaussian_nll(x, decoder_mean(decoder, decoded), decoder.log_sigma)
 
 
 @torch.no_grad()
@@ -542,11 +629,19 @@ def mse_of_reconstructions(models, images_uint8, chunk=500):
     return total / images_uint8.numel()
 
 
-def latent_map(points):
-    """2-D embedding of (N, L) points: t-SNE through scikit-learn when it is installed, else PCA."""
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError:
+def have_sklearn():
+    return importlib.util.find_spec("sklearn") is not None
+
+
+def latent_map(points, method="tsne"):
+    """2-D embedding of (N, L) points and its name: t-SNE through scikit-learn (DLCV HW4), or PCA. scikit-learn is
+    imported here, not at the top, so that the script copied alone still trains; without it t-SNE falls back to PCA."""
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            method = "pca"
+    if method == "pca":
         centred = points - points.mean(0)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         return centred @ v[:2].T, "PCA"
@@ -568,11 +663,21 @@ def save_latent_map(xy, labels, method, label_name, png_path):
         cmap = "tab10" if labels.max() < 10 else "viridis"
         points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=4, cmap=cmap)
         fig.colorbar(points, ax=ax, label=label_name)
-    ax.set_title(f"test-set latent means, {method}" + (f", coloured by {label_name}" if labels is not None else ""))
+    ax.set_title(f"latent means of {len(xy)} images, {method}" + (f", coloured by {label_name}" if labels is not None else ""))
     fig.tight_layout()
     fig.savefig(png_path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(png_path + ".tmp.png", png_path)
+
+
+def reconstruction_grid(x, x_rec, cols=6):
+    """Originals beside their reconstructions (CIS 680: "generated images and corresponding original images"), to be
+    drawn 2 * cols + 1 cells wide: each row is cols originals, a white cell, and the same cols reconstructed."""
+    rows = []
+    for i in range(0, len(x), cols):
+        blank = torch.ones_like(x[:1])
+        rows += [x[i:i + cols], blank, x_rec[i:i + cols]]
+    return torch.cat(rows)
 
 
 def map_labels(labels, config):
@@ -771,25 +876,34 @@ def get_args(argv=None):
     p.add_argument("--out_dir", default="out/vae", help="checkpoints, samples, logs and plots go here")
     p.add_argument("--img_size", type=int, default=None,
                    help="image side; default 28 for --arch mlp (784 inputs, CIS 680 Table 1), 32 for --arch conv (a multiple of 2^depth)")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"],
-                   help="fully connected (CIS 680 Table 1) or convolutional (DLCV HW4, CSI5340 assignment 4)")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv", "csi5340"],
+                   help="fully connected (CIS 680 Table 1), convolutional (DLCV HW4), or CSI5340 assignment 4's conv VAE "
+                        "(BN + ReLU, an --h_dim dense layer, a tanh output in [-1, 1])")
     p.add_argument("--latent_dim", type=int, default=20, help="latent size (CIS 680: 20; DLCV HW4 faces: 512)")
     p.add_argument("--hidden", type=int, default=400, help="--arch mlp: hidden layer width (CIS 680: 400)")
-    p.add_argument("--depth", type=int, default=4, choices=range(1, 6), help="--arch conv: strided layers in encoder and decoder (DLCV HW4: 4)")
-    p.add_argument("--width", type=int, default=32, help="--arch conv: channels of the first conv layer, doubled per layer")
+    p.add_argument("--depth", type=int, default=4, choices=range(1, 6),
+                   help="--arch conv, csi5340: strided layers in encoder and decoder (DLCV HW4: 4; CSI5340: 1 to 5)")
+    p.add_argument("--width", type=int, default=32, help="--arch conv, csi5340: channels of the first conv layer, doubled per layer")
+    p.add_argument("--h_dim", type=int, default=1024,
+                   help="--arch csi5340: the dense layer between the convs and the latent, read by the decoder as its first "
+                        "feature map (a multiple of (img_size / 2^(depth-1))^2; the report gives no value, 1024 fits every depth at 32x32)")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
-                   help="--arch conv: how the decoder doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
-    p.add_argument("--recon", default="bce", choices=["bce", "mse", "dlogistic"],
-                   help="p(x|z): Bernoulli (BCE, the handouts), squared error, or a discretised logistic of the 8-bit pixels "
-                        "(Salimans et al. 2017), whose bits/dim are exact")
+                   help="--arch conv, csi5340: how the decoder doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
+    p.add_argument("--recon", default=None, choices=["bce", "mse", "mse_mean", "dlogistic"],
+                   help="p(x|z): Bernoulli (BCE, the handouts), squared error summed over pixels (mse) or averaged (mse_mean, "
+                        "CSI5340's mse(x, x')), or a discretised logistic of the 8-bit pixels (Salimans et al. 2017), whose "
+                        "bits/dim are exact; default bce, and mse for --arch csi5340 (a tanh output has no Bernoulli)")
     p.add_argument("--kl_weight", type=float, default=1.0,
-                   help="weight of the summed KL against the summed reconstruction term (1: the ELBO; DLCV HW4's 1e-2 on means is 1e-2 * D / latent_dim here)")
+                   help="weight of the summed KL against the reconstruction term (1: the ELBO; CSI5340's KL_factor is --kl_weight "
+                        "with --recon mse_mean; DLCV HW4's 1e-2 on means is 1e-2 * D / latent_dim with --recon mse)")
     p.add_argument("--iw_k", type=int, default=1, help="importance samples of the IWAE bound (the 2018 image-generation assignment: 5); 1: the plain ELBO")
     p.add_argument("--flow", default="none", choices=["none", "planar", "iaf"],
                    help="normalizing-flow posterior (Rezende & Mohamed 2015; Kingma et al. 2016)")
     p.add_argument("--flow_length", type=int, default=4, help="flow layers / IAF steps")
     p.add_argument("--flow_hidden", type=int, default=0, help="IAF: width of its MADE layers; 0: twice --latent_dim")
     p.add_argument("--map_attr", default="Male", help="for multi-attribute labels (CelebA): the attribute colouring latents.png")
+    p.add_argument("--latent_map", default="tsne", choices=["tsne", "pca"],
+                   help="latents.png, drawn once at the end from every test image: t-SNE (scikit-learn; DLCV HW4) or PCA")
     p.add_argument("--batch_size", type=int, default=64, help="images per step, over all processes (DLCV HW4: 64)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (DLCV HW4)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (DLCV HW4)")
@@ -797,7 +911,7 @@ def get_args(argv=None):
     p.add_argument("--max_iters", type=int, default=20000, help="training steps")
     p.add_argument("--log_interval", type=int, default=100, help="steps between log.jsonl lines")
     p.add_argument("--sample_interval", type=int, default=2000,
-                   help="steps between evaluations: test MSE, ckpt_best.pt, sample grid, reconstructions.png, curves.png")
+                   help="steps between evaluations: test MSE, ckpt_best.pt, sample grid, reconstruction grid, curves.png")
     p.add_argument("--ckpt_interval", type=int, default=2000, help="steps between checkpoints (one is always written at the end)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
@@ -811,7 +925,7 @@ def get_args(argv=None):
 
 # Flags a resumed run may change; everything else comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
-                       "out_dir", "resume")
+                       "out_dir", "resume", "latent_map")
 
 
 def main(argv=None):
@@ -821,13 +935,22 @@ def main(argv=None):
     ckpt = None
     if config["resume"]:
         ckpt, config = resume_config(config, argv)
-    if config["img_size"] is None:  # the handouts' sizes: 28 x 28 digits for the MLP, 32 x 32 for the conv VAE
-        config["img_size"] = 32 if config["arch"] == "conv" else 28
+    if config["img_size"] is None:  # the handouts' sizes: 28 x 28 digits for the MLP, 32 x 32 for the conv VAEs
+        config["img_size"] = 28 if config["arch"] == "mlp" else 32
+    if config["recon"] is None:
+        config["recon"] = "mse" if config["arch"] == "csi5340" else "bce"
     check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "img_size",
-                            "latent_dim", "hidden", "width", "iw_k", "flow_length", "lr"])
-    if config["arch"] == "conv" and config["img_size"] % 2 ** config["depth"]:
+                            "latent_dim", "hidden", "width", "h_dim", "iw_k", "flow_length", "lr"])
+    if config["arch"] != "mlp" and config["img_size"] % 2 ** config["depth"]:
         fail(f"--img_size {config['img_size']} is not supported by the conv VAE with --depth {config['depth']}: "
              f"use a multiple of 2^depth = {2 ** config['depth']}, e.g. 32 or 64 (or a lower --depth, or --arch mlp)")
+    if config["arch"] == "csi5340":
+        side = csi5340_first_map(config["img_size"], config["depth"])
+        if config["h_dim"] % side ** 2:
+            fail(f"--h_dim {config['h_dim']} cannot be read as the decoder's first feature map, {side} x {side} pixels "
+                 f"(img_size / 2^(depth-1)): use a multiple of {side} x {side} = {side ** 2}")
+        if config["recon"] not in GAUSSIAN_RECON:
+            fail(f"--recon {config['recon']} needs a decoder of logits; --arch csi5340 ends in tanh: use --recon mse or mse_mean")
     if config["flow_hidden"] < 0:
         fail(f"--flow_hidden {config['flow_hidden']} must be positive, or 0 for twice --latent_dim")
     if not config["kl_weight"] >= 0:
@@ -847,7 +970,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     # conv layers run faster on N x H x W x C tensors (oneDNN on CPU, tensor cores on CUDA)
-    memory_format = torch.channels_last if config["arch"] == "conv" else torch.contiguous_format
+    memory_format = torch.contiguous_format if config["arch"] == "mlp" else torch.channels_last
     data = train_images.to(device)  # uint8 on the device; batches are drawn by index
     test_data = test_images.to(device)
     local_batch = config["batch_size"] // world
@@ -855,7 +978,9 @@ def main(argv=None):
     shown_data, shown_labels = (test_data, test_labels) if len(test_data) else (data, train_labels)
     if master and not len(test_data):
         print(f"the test split of {config['dataset']} is empty: no test MSE or ckpt_best.pt; "
-              f"reconstructions.png and latents.png show training images", flush=True)
+              f"the reconstruction grids and latents.png show training images", flush=True)
+    if master and config["latent_map"] == "tsne" and not have_sklearn():
+        print("scikit-learn is not installed: latents.png will be a PCA map (pip install scikit-learn for t-SNE)", flush=True)
 
     torch.manual_seed(config["seed"] + rank)
     models = build_models(config)
@@ -864,7 +989,7 @@ def main(argv=None):
     encoder, decoder, flow = models["encoder"], models["decoder"], models.get("flow")
     parameters = [p for model in models.values() for p in model.parameters()]
     # the decoder's sigma (--recon mse) gets a larger step: at --lr it would need ~10^4 steps to reach sigma^2 = MSE
-    sigma = [decoder.log_sigma] if config["recon"] == "mse" else []
+    sigma = [decoder.log_sigma] if config["recon"] in GAUSSIAN_RECON else []
     groups = [{"params": [p for p in parameters if all(p is not s for s in sigma)], "lr_scale": 1.0}]
     groups += [{"params": sigma, "lr_scale": SIGMA_LR_SCALE}] if sigma else []
     opt = torch.optim.Adam(groups, lr=config["lr"], betas=(config["beta1"], config["beta2"]))
@@ -900,6 +1025,11 @@ def main(argv=None):
         flow_train = DDP(flow) if flow is not None else None
     out_dir = config["out_dir"]
     log_path = prepare_out_dir(config, step) if master else None
+    if master:
+        try:
+            os.makedirs(os.path.join(out_dir, "reconstructions"), exist_ok=True)
+        except OSError as e:
+            fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
 
     def draw_batch():
         idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
@@ -916,16 +1046,17 @@ def main(argv=None):
             "log_window": {"sums": {k: v.cpu() for k, v in window.items()}, "steps": window_steps},
         }
 
-    show_idx = torch.linspace(0, len(shown_data) - 1, 10).long().to(device)  # spread over the split (mnist5k's is sorted by class)
+    show_idx = torch.linspace(0, len(shown_data) - 1, 36).long().to(device)  # spread over the split (mnist5k's is sorted by class)
 
     def evaluate():
-        """The sample grid from the fixed noise, 10 test images above their reconstructions, and the test MSE
+        """The sample grid from the fixed noise, 36 test images beside their reconstructions, and the test MSE
         (None for an empty test split)."""
         for model in models.values():
             model.eval()
         save_image(generate(models, fixed_noise), os.path.join(out_dir, "samples", f"step_{step:06d}.png"), nrow=6, padding=2)
         x = to_unit_interval(shown_data[show_idx])
-        save_image(torch.cat([x, generate(models, encode(models, x)[0])]), os.path.join(out_dir, "reconstructions.png"), nrow=10, padding=2)
+        save_image(reconstruction_grid(x, generate(models, encode(models, x)[0])),
+                   os.path.join(out_dir, "reconstructions", f"step_{step:06d}.png"), nrow=13, padding=2)
         mse = mse_of_reconstructions(models, test_data) if len(test_data) else None
         for model in models.values():
             model.train()
@@ -937,9 +1068,9 @@ def main(argv=None):
         # One step on minus the bound: the ELBO, or the importance-weighted bound for --iw_k > 1
         x = draw_batch()
         with autocast:
-            loss, recon, kl, decoded = vae_loss(encoder_train, decoder_train, flow_train, x, recon_kind, kl_weight, iw_k)
+            loss, recon, kl, decoded = vae_loss(encoder_train, decoder_train, flow_train, x, recon_kind, kl_weight, iw_k, decoder.tanh)
         # --recon mse: the decoder's sigma is fitted on the side, by a Gaussian NLL that reaches nothing else
-        loss_sigma = decoder_sigma_loss(x, decoded, decoder.log_sigma) if recon_kind == "mse" else 0
+        loss_sigma = decoder_sigma_loss(x, decoded, decoder.log_sigma, decoder.tanh) if recon_kind in GAUSSIAN_RECON else 0
         opt.zero_grad(set_to_none=True)
         (loss + loss_sigma).backward()
         opt.step()
@@ -965,7 +1096,7 @@ def main(argv=None):
             if master:
                 row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
                        **({"test_mse": test_mse} if test_mse is not None else {}),
-                       **({"sigma": decoder.log_sigma.exp().item()} if recon_kind == "mse" else {}),
+                       **({"sigma": decoder.log_sigma.exp().item()} if recon_kind in GAUSSIAN_RECON else {}),
                        "ms_per_step": 1000 * seconds / timed_steps,
                        "images_per_s": timed_steps * config["batch_size"] / seconds}
                 if device.type == "cuda":
@@ -991,10 +1122,13 @@ def main(argv=None):
     if master:
         for model in models.values():
             model.eval()
-        idx = torch.linspace(0, len(shown_data) - 1, min(2000, len(shown_data))).long()
+        # every test image, once at the end: t-SNE takes ~6 s on the 1,000 test digits but ~1 min on 10,000 points,
+        # too slow for every evaluation; without a test split, at most 10,000 training images
+        n_map = len(shown_data) if len(test_data) else min(len(shown_data), 10000)
+        idx = torch.linspace(0, len(shown_data) - 1, n_map).long()
         mu = torch.cat([encode(models, to_unit_interval(shown_data[i.to(device)]))[0] for i in idx.split(500)]).cpu()
         labels, label_name = map_labels(shown_labels[idx] if shown_labels is not None else None, config)
-        xy, method = latent_map(mu)
+        xy, method = latent_map(mu, config["latent_map"])
         save_latent_map(xy.numpy(), labels.numpy() if labels is not None else None, method, label_name, os.path.join(out_dir, "latents.png"))
         if len(test_data):
             print(f"test MSE: {mse_of_reconstructions(models, test_data):.6f} (best {best_mse:.6f}, kept in ckpt_best.pt)")

@@ -1,5 +1,6 @@
 import argparse
 import importlib
+import json
 import math
 import sys
 import types
@@ -62,7 +63,7 @@ def load(path):
 
 def args(**kw):
     base = dict(pairs=3, steps=5, method="lerp", extrapolate=0, dims=None, range=3.0, n_noise=4, code_range=2.0,
-                seed=0, device=torch.device("cpu"))
+                seed=0, device=torch.device("cpu"), endpoints="random", fid_json="evaluate.json")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -150,19 +151,39 @@ def test_endpoints_reproduce_the_samples_of_the_endpoint_latents(ckpts, name, me
     assert not torch.equal(grid["images"][:, first], grid["images"][:, first + 1])
 
 
-def test_vae_pixel_mode_pairs_latent_and_pixel_rows(ckpts):
+@pytest.mark.parametrize("name,extrapolate", [("dcgan", 0), ("wgan", 1), ("vae", 0), ("acgan", 0), ("infogan", 2)])
+def test_pixel_mode_rows_start_and_end_on_the_same_images(ckpts, name, extrapolate):
+    # the 2018 image-generation assignment, 5c: x0 = G(z0), x1 = G(z1); G(z(a)) above (1 - a) x0 + a x1, a = 0, 0.1, ..., 1
+    module, models, config = load(ckpts[name])
+    grid = interpolate.pixel_grid(module, models, config, args(pairs=2, steps=11, extrapolate=extrapolate), torch.Generator().manual_seed(3))
+    assert grid["images"].shape[:2] == (4, 11 + 2 * extrapolate)
+    assert [r.split(":")[0] for r in grid["rows"]] == ["latent 0", "pixel 0", "latent 1", "pixel 1"]
+    first, last = extrapolate, extrapolate + 10
+    assert grid["cols"][first:first + 3] == ["0.00", "0.10", "0.20"]
+    latent, pixel = grid["images"][0::2], grid["images"][1::2]
+    assert torch.equal(latent[:, first], pixel[:, first]) and torch.equal(latent[:, last], pixel[:, last])
+    assert torch.allclose(pixel[:, first + 5], 0.5 * (pixel[:, first] + pixel[:, last]), atol=1e-6)  # the average halfway
+    assert not torch.allclose(latent[:, first + 5], pixel[:, first + 5], atol=1e-3)  # the two schemes differ in between
+    g = torch.Generator().manual_seed(3)  # the endpoints are samples: x0 = G(z0), x1 = G(z1), drawn as a pairs grid draws
+    z0 = module.sample_latent(config, 2, "cpu", generator=g)
+    z1 = module.sample_latent(config, 2, "cpu", generator=g)
+    labels = torch.randint(0, config["n_classes"], (2,), generator=g) if name == "acgan" else None
+    if name == "infogan":  # only the noise moves
+        z1[:, config["nz"]:] = z0[:, config["nz"]:]
+    assert torch.equal(latent[:, first], module.generate(models, z0, labels))
+    assert torch.equal(latent[:, last], module.generate(models, z1, labels))
+
+
+def test_vae_endpoints_can_be_test_images(ckpts, capsys):
     module, models, config = load(ckpts["vae"])
-    grid = interpolate.pixel_grid(module, models, config, args(pairs=2, steps=11), None)
-    assert grid["images"].shape[:2] == (4, 11) and grid["rows"] == ["latent 0", "pixel 0", "latent 1", "pixel 1"]
-    assert grid["cols"][:3] == ["0.00", "0.10", "0.20"]
+    grid = interpolate.pixel_grid(module, models, config, args(pairs=2, steps=11, endpoints="test"), torch.Generator().manual_seed(0))
     images, _ = module.real_images(config, "test")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:4]
-    x = images[pick].float() / 255
-    assert torch.equal(grid["images"][1, 0], x[0]) and torch.equal(grid["images"][1, 10], x[2])  # pixel row: the test images
-    assert torch.allclose(grid["images"][1, 5], 0.5 * (x[0] + x[2]), atol=1e-6)  # and their average halfway
-    mu0, mu1 = module.encode(models, x[:2])[0], module.encode(models, x[2:])[0]
-    assert torch.equal(grid["images"][0::2, 0], module.generate(models, mu0))  # latent rows: decoded posterior means
-    assert torch.equal(grid["images"][0::2, 10], module.generate(models, mu1))
+    mu = module.encode(models, images[pick].float() / 255)[0]
+    assert torch.equal(grid["images"][0::2, 0], module.generate(models, mu[:2]))  # the reconstructions of the test images
+    assert torch.equal(grid["images"][0::2, 10], module.generate(models, mu[2:]))
+    assert torch.equal(grid["images"][1::2, 0], grid["images"][0::2, 0])
+    assert "--endpoints test needs a VAE" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--endpoints", "test")
 
 
 def test_classes_and_codes_keep_the_noise_and_vary_one_thing(ckpts):
@@ -204,8 +225,8 @@ def test_every_grid_has_the_rows_and_columns_asked_for(ckpts, tmp_path, capsys, 
     interpolate.main(["--ckpt", str(ckpts[name]), "--out_dir", str(out), "--pairs", "3", "--steps", "4",
                       "--extrapolate", "1", "--dims", "0,2", "--n_noise", "2", "--device", "cpu"])
     written = capsys.readouterr().out.split()
-    expected = {"pairs_lerp": (3, 6), "traverse": (2, 4)}
-    expected.update({"vae": {"pixel": (6, 6)}, "acgan": {"classes": (10, 2)},
+    expected = {"pairs_lerp": (3, 6), "traverse": (2, 4), "pixel": (6, 6)}
+    expected.update({"acgan": {"classes": (10, 2)},
                      "infogan": {"code_cat0": (2, 10), "code_cont0": (2, 4), "code_cont1": (2, 4)}}.get(name, {}))
     assert sorted(written) == sorted(str(out / f"{k}.png") for k in expected)
     for key, shape in expected.items():
@@ -222,7 +243,7 @@ def error_line(capsys, *argv):
 
 
 def test_bad_requests_end_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
-    assert "needs a VAE" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "pixel")
+    assert "needs a class-conditional" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "classes")
     assert "needs a class-conditional" in error_line(capsys, "--ckpt", ckpts["infogan"], "--mode", "classes")
     assert "dimensions 0..7" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "traverse", "--dims", "3,8")
     sr = tmp_path / "sr.pt"  # a script without a latent space, as srgan.py
@@ -276,3 +297,49 @@ def test_command_line_writes_next_to_the_checkpoint(ckpts):
     assert paths == [str(ckpts["acgan"].parent / "interpolations" / f) for f in ("classes.png", "pairs_slerp.png")]
     image = Image.open(paths[0])
     assert image.text["rows"] == "10" and image.text["cols"] == "10"  # defaults: 10 noise vectors x 10 digits
+
+
+# --- --compare: the same noise through several runs ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upsample_runs(ckpts, one_thread):
+    """The 2018 image-generation assignment's three upsampling schemes, as tiny dcgan runs beside the default one."""
+    root = ckpts["dcgan"].parent.parent
+    paths = [ckpts["dcgan"]]
+    for mode in ("nearest", "bilinear"):
+        out = root / f"dcgan_{mode}"
+        importlib.import_module("dcgan").main(["--data_dir", str(root / "data"), "--out_dir", str(out), "--max_iters", "2",
+                                               "--device", "cpu", "--sample_interval", "1000", "--upsample", mode, *TINY["dcgan"]])
+        paths.append(out / "ckpt.pt")
+    return paths
+
+
+def test_compare_draws_the_same_noise_through_each_run(upsample_runs, tmp_path, capsys):
+    (upsample_runs[1].parent / "evaluate.json").write_text(json.dumps({"source": {"step": 2}, "metrics": {"fid": 123.456}}))
+    (upsample_runs[2].parent / "evaluate.json").write_text(json.dumps({"source": {"step": 1}, "metrics": {"fid": 80.0}}))
+    grid = interpolate.compare_grid(args(compare=[str(p) for p in upsample_runs], n_noise=3))
+    assert grid["images"].shape[:2] == (3, 3)
+    assert grid["rows"] == ["dcgan, upsample=convtranspose", "dcgan_nearest, upsample=nearest, FID 123.5",
+                            "dcgan_bilinear, upsample=bilinear, FID 80.0 (step 1)"]  # a report of another step says so
+    for row, path in zip(grid["images"], upsample_runs):
+        module, models, config = load(path)
+        z = module.sample_latent(config, 3, "cpu", generator=torch.Generator().manual_seed(0))  # the same z in every row
+        assert torch.equal(row, module.generate(models, z))
+    assert not torch.allclose(grid["images"][0], grid["images"][1])
+    (upsample_runs[0].parent / "evaluate.json").write_text(json.dumps({"source": {"step": 2}, "metrics": {"kid": 0.1}}))
+    assert interpolate.compare_grid(args(compare=[str(p) for p in upsample_runs], n_noise=3))["rows"][0] == "dcgan, upsample=convtranspose"
+    (upsample_runs[0].parent / "evaluate.json").write_text("[1, 2")
+    assert "not an evaluate.py --json report" in error_line(capsys, "--compare", *upsample_runs)
+    (upsample_runs[0].parent / "evaluate.json").unlink()
+
+    interpolate.main(["--compare", *map(str, upsample_runs), "--n_noise", "4", "--out_dir", str(tmp_path), "--device", "cpu"])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "compare.png")]
+    assert cell_counts(tmp_path / "compare.png")[0] == (3, 4)
+
+
+def test_compare_refuses_what_it_cannot_draw(ckpts, capsys):
+    line = error_line(capsys, "--compare", ckpts["dcgan"], ckpts["vae"])
+    assert "different latent or image sizes" in line and "latent 8" in line and "latent 6" in line
+    assert "--compare needs two or more" in error_line(capsys, "--compare", ckpts["dcgan"])
+    assert "either --ckpt or --compare" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--compare", ckpts["dcgan"], ckpts["wgan"])

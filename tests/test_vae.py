@@ -24,8 +24,8 @@ TINY_CONV = ["--arch", "conv", "--img_size", "32", "--depth", "2", "--width", "4
 
 
 def config(**kw):
-    base = dict(channels=1, img_size=28, arch="mlp", hidden=400, latent_dim=20, depth=4, width=32, upsample="convtranspose",
-                recon="bce", flow="none", flow_length=2, flow_hidden=0)
+    base = dict(channels=1, img_size=28, arch="mlp", hidden=400, latent_dim=20, depth=4, width=32, h_dim=1024,
+                upsample="convtranspose", recon="bce", flow="none", flow_length=2, flow_hidden=0)
     return {**base, **kw}
 
 
@@ -46,7 +46,8 @@ def mnist_batch(n=32, size=28):
 def test_defaults_follow_the_handouts():
     args = vae.get_args([])
     assert (args.arch, args.dataset, args.img_size, args.hidden, args.latent_dim) == ("mlp", "mnist5k", None, 400, 20)
-    assert (args.recon, args.kl_weight, args.batch_size, args.lr, args.beta1, args.iw_k) == ("bce", 1.0, 64, 2e-4, 0.5, 1)
+    assert (args.kl_weight, args.batch_size, args.lr, args.beta1, args.iw_k) == (1.0, 64, 2e-4, 0.5, 1)
+    assert args.recon is None and args.latent_map == "tsne"  # recon: bce, or mse for --arch csi5340 (resolved in main)
 
 
 def test_mlp_is_table_1():
@@ -120,6 +121,62 @@ def test_dlcv_face_model():
     assert models["encoder"].fc_mu.out_features == models["encoder"].fc_logvar.out_features == 512
     ups = [m for m in models["decoder"].modules() if isinstance(m, nn.ConvTranspose2d)]
     assert [m.out_channels for m in ups] == [128, 64, 32, 3]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_csi5340_is_the_reports_vae(depth):
+    # CSI5340 assignment 4, Module 1: (conv, BN, ReLU) x depth -> linear(h_dim) -> mu, sigma heads;
+    # linear(z, h_dim) -> (transposed conv, BN, ReLU) x (depth - 1) -> conv -> BN -> tanh
+    torch.manual_seed(0)
+    models = vae.build_models(config(arch="csi5340", img_size=32, depth=depth, width=8, h_dim=1024, latent_dim=100, recon="mse_mean"))
+    encoder, decoder = models["encoder"], models["decoder"]
+    kinds = [type(m).__name__ for m in encoder.body]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * depth + ["Flatten", "Linear"]
+    assert encoder.body[-1].out_features == 1024 and encoder.fc_mu.in_features == encoder.fc_logvar.in_features == 1024
+    assert encoder.fc_mu.out_features == 100
+    assert decoder.fc.in_features == 100 and decoder.fc.out_features == 1024
+    assert decoder.start == (1024 // (32 // 2 ** (depth - 1)) ** 2, 32 // 2 ** (depth - 1), 32 // 2 ** (depth - 1))
+    assert [type(m).__name__ for m in decoder.net] == ["ConvTranspose2d", "BatchNorm2d", "ReLU"] * (depth - 1)
+    assert [type(m).__name__ for m in decoder.out] == ["Conv2d", "BatchNorm2d", "Tanh"]
+    assert decoder.out[0].stride == (1, 1) and decoder.out[0].out_channels == 1
+    assert not any(isinstance(m, nn.LeakyReLU) for model in models.values() for m in model.modules())
+    for m in models.values():
+        m.eval()
+    x = mnist_batch(4, 32)
+    assert torch.allclose(encoder(x)[0], encoder.fc_mu(encoder.body(2 * x - 1)))  # images enter in [-1, 1]
+    z = torch.randn(4, 100) * 3
+    out = decoder(z)
+    assert out.shape == (4, 1, 32, 32) and out.min() >= -1 and out.max() <= 1 and out.min() < 0  # tanh, in [-1, 1]
+    assert torch.equal(vae.generate(models, z), (out + 1) / 2)  # the interface still hands out [0, 1]
+
+
+def test_mse_mean_and_kl_weight_are_the_reports_loss_and_kl_factor():
+    # rec = mse(x, x') (mean over pixels and batch, in the tanh decoder's [-1, 1]);
+    # KL = -0.5 * mean(sum(1 + log sigma^2 - mu^2 - sigma^2)); loss = rec + KL * KL_factor
+    models = vae.build_models(config(arch="csi5340", img_size=32, depth=3, width=4, h_dim=256, latent_dim=8, recon="mse_mean"))
+    e, d = models["encoder"], models["decoder"]
+    x = mnist_batch(6, 32)
+    torch.manual_seed(3)
+    loss, recon, kl, _ = vae.vae_loss(e, d, None, x, "mse_mean", 0.05, 1, tanh=True)
+    torch.manual_seed(3)
+    mu, logvar, _ = e(x)
+    x_rec = d(mu + (0.5 * logvar).exp() * torch.randn_like(mu))
+    kl_report = -0.5 * torch.mean(torch.sum(1 + logvar - mu ** 2 - logvar.exp(), dim=1))
+    assert torch.allclose(loss, F.mse_loss(x_rec, 2 * x - 1) + 0.05 * kl_report, rtol=1e-5)
+    # --recon mse sums the same error over the D pixels: --kl_weight = KL_factor * D gives D times that loss
+    torch.manual_seed(3)
+    summed, _, _, _ = vae.vae_loss(e, d, None, x, "mse", 0.05 * 32 * 32, 1, tanh=True)
+    assert torch.allclose(summed, 32 * 32 * loss, rtol=1e-5)
+    # a sigmoid decoder's mse_mean is in [0, 1] units
+    logits = torch.randn(6, 1, 32, 32)
+    assert torch.allclose(vae.reconstruction_loss("mse_mean", x, logits), ((torch.sigmoid(logits) - x) ** 2).mean((1, 2, 3)))
+
+
+def test_reconstruction_grid_puts_36_originals_beside_their_reconstructions():
+    x, x_rec = torch.rand(36, 1, 4, 4), torch.rand(36, 1, 4, 4)
+    grid = vae.reconstruction_grid(x, x_rec).view(6, 13, 1, 4, 4)  # drawn 13 cells wide
+    assert torch.equal(grid[:, :6].flatten(0, 1), x) and torch.equal(grid[:, 7:].flatten(0, 1), x_rec)
+    assert (grid[:, 6] == 1).all()  # a white cell between the two halves
 
 
 # --- losses and densities ------------------------------------------------------------------
@@ -381,6 +438,21 @@ def test_latent_map_pca_and_tsne_paths(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.manifold", fake)
     xy, method = vae.latent_map(points)
     assert method == "t-SNE" and torch.equal(xy, points[:, :2])
+    assert vae.latent_map(points, "pca")[1] == "PCA"  # --latent_map pca, with scikit-learn installed
+
+
+def test_latent_map_is_a_tsne_of_every_test_image(tiny_mnist, tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")  # a requirement (requirements.txt)
+    xy, method = vae.latent_map(torch.randn(40, 5))
+    assert method == "t-SNE" and xy.shape == (40, 2)
+    folder = tiny_mnist / "mnist5k"  # 2,100 test images: more than the 2,000 the map once took
+    np.save(folder / "test.npy", np.tile(np.load(folder / "test.npy"), (33, 1, 1, 1))[:2100])
+    np.save(folder / "test_labels.npy", np.tile(np.load(folder / "test_labels.npy"), 33)[:2100])
+    calls = []
+    monkeypatch.setattr(vae, "latent_map", lambda points, method: calls.append((len(points), method)) or (points[:, :2], method))
+    for flags in ([], ["--latent_map", "pca"]):
+        vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(tmp_path / "run"), "--max_iters", "1", *flags, *TINY])
+    assert calls == [(2100, "tsne"), (2100, "pca")]
 
 
 # --- training runs -------------------------------------------------------------------------
@@ -407,7 +479,7 @@ def test_copied_alone_next_to_its_data_writes_every_output(tiny_mnist, tmp_path)
                       "--lr", "1e-3", *TINY, cwd=alone)
     out = alone / "out" / "vae"
     for name in ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "curves.png", "config.json", "samples/step_000003.png",
-                 "samples/step_000006.png", "reconstructions.png", "latents.png"):
+                 "samples/step_000006.png", "reconstructions/step_000003.png", "reconstructions/step_000006.png", "latents.png"):
         assert (out / name).exists(), name
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 3, 4, 6]
@@ -423,7 +495,13 @@ def test_copied_alone_next_to_its_data_writes_every_output(tiny_mnist, tmp_path)
     check_interface(ckpt, 28)
     from PIL import Image
     assert Image.open(out / "samples/step_000006.png").size == (6 * 30 + 2, 6 * 30 + 2)  # 6x6 grid, 2 px padding
-    assert Image.open(out / "reconstructions.png").size == (10 * 30 + 2, 2 * 30 + 2)  # 10 test images above their reconstructions
+    # 36 test images (6 x 6) beside their 36 reconstructions, a white column between: 13 cells wide
+    grid = np.asarray(Image.open(out / "reconstructions/step_000006.png").convert("L"))
+    assert grid.shape == (6 * 30 + 2, 13 * 30 + 2)
+    assert (grid[2:30, 6 * 30 + 2:7 * 30] == 255).all()
+    test_images, _ = vae.load_images(str(alone / "data"), "mnist5k", "test", 28)
+    first = test_images[torch.linspace(0, len(test_images) - 1, 36).long()[0], 0].numpy()
+    assert np.array_equal(grid[2:30, 2:30], first)  # the first original, top left
 
 
 def test_conv_iwae_planar_variant_trains_and_loads(tiny_mnist, tmp_path):
@@ -492,6 +570,31 @@ def test_default_image_size_follows_the_architecture(tiny_mnist, tmp_path):
         assert ckpt["config"]["arch"] == arch and ckpt["config"]["img_size"] == size
         assert json.loads((out / "config.json").read_text())["img_size"] == size
         check_interface(ckpt, size)
+
+
+def test_csi5340_trains_resumes_and_reports_through_the_interface(tiny_mnist, tmp_path):
+    import evaluate
+
+    flags = ["--data_dir", str(tiny_mnist), "--arch", "csi5340", "--depth", "2", "--width", "4", "--h_dim", "256",
+             "--latent_dim", "4", "--recon", "mse_mean", "--kl_weight", "1e-3", "--batch_size", "16", "--device", "cpu",
+             "--dtype", "float32", "--log_interval", "1", "--sample_interval", "2", "--ckpt_interval", "2"]
+    vae.main(["--out_dir", str(tmp_path / "straight"), "--max_iters", "4", *flags])
+    vae.main(["--out_dir", str(tmp_path / "resumed"), "--max_iters", "2", *flags])
+    vae.main(["--out_dir", str(tmp_path / "resumed"), "--max_iters", "4", "--resume", *flags])
+    timing = ("ms_per_step", "images_per_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(read_log(tmp_path / "resumed")) == strip(read_log(tmp_path / "straight"))
+    ckpt = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert {k: ckpt["config"][k] for k in ("arch", "h_dim", "recon", "kl_weight", "img_size")} == \
+        {"arch": "csi5340", "h_dim": 256, "recon": "mse_mean", "kl_weight": 1e-3, "img_size": 32}
+    check_interface(ckpt, 32)  # images in [0, 1] out of a tanh decoder
+    models = vae.load_models(ckpt, "cpu")
+    images, _ = vae.real_images(ckpt["config"], "test")
+    mse = vae.mse_of_reconstructions(models, images)
+    assert 0 < mse < 0.5 and abs(evaluate.posterior_mean_reconstruction_mse(vae, models, images, 16, "cpu") - mse) < 1e-3
+    assert 0 < evaluate.bits_per_dim(vae, models, images[:4], 4, 4, "cpu") < 100
+    vae.main(["--out_dir", str(tmp_path / "default"), "--max_iters", "1", *[f for f in flags if f not in ("--recon", "mse_mean")]])
+    assert torch.load(tmp_path / "default" / "ckpt.pt", weights_only=True)["config"]["recon"] == "mse"  # a tanh decoder: no bce
 
 
 def test_dlogistic_trains_and_reports_through_the_interface(tiny_mnist, tmp_path):
@@ -569,7 +672,7 @@ def test_empty_test_split_trains_without_test_metrics(tiny_mnist, tmp_path, caps
     assert "test split of mnist5k is empty" in capsys.readouterr().out
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 4] and not any("test_mse" in r for r in rows)
-    for name in ("ckpt.pt", "reconstructions.png", "latents.png", "samples/step_000004.png"):
+    for name in ("ckpt.pt", "reconstructions/step_000004.png", "latents.png", "samples/step_000004.png"):
         assert (out / name).exists(), name
     assert not (out / "ckpt_best.pt").exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["best_test_mse"] == float("inf")
@@ -655,7 +758,8 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
     (["--kl_weight", "-1"], "--kl_weight -1"), (["--batch_size", "0"], "--batch_size 0"), (["--max_iters", "-5"], "--max_iters -5"),
     (["--latent_dim", "0"], "--latent_dim 0"), (["--hidden", "-1"], "--hidden -1"), (["--img_size", "0"], "--img_size 0"),
     (["--arch", "conv", "--width", "0"], "--width 0"), (["--flow", "iaf", "--flow_length", "0"], "--flow_length 0"),
-    (["--flow_hidden", "-2"], "--flow_hidden -2"), (["--log_interval", "0"], "--log_interval 0"),
+    (["--flow_hidden", "-2"], "--flow_hidden -2"), (["--arch", "csi5340", "--depth", "2", "--h_dim", "1000"], "use a multiple of 16 x 16 = 256"),
+    (["--arch", "csi5340", "--recon", "bce"], "--arch csi5340 ends in tanh"), (["--arch", "csi5340", "--h_dim", "0"], "--h_dim 0"), (["--log_interval", "0"], "--log_interval 0"),
     (["--sample_interval", "-1"], "--sample_interval -1"), (["--ckpt_interval", "0"], "--ckpt_interval 0"), (["--lr", "0"], "--lr 0"),
 ])
 def test_bad_flags(tiny_mnist, tmp_path, capsys, flags, message):
