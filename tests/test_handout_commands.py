@@ -61,6 +61,8 @@ HANDOUT_RUNS = {
                                                    cont_codes=2, three_optimizers=True, max_iters=iterations(300, DLCV_FACES, 64))),
     # The 2018 image-generation assignment: 64x64 faces, "a latent dimension on the order of 10^2"; the three
     # upsampling schemes; LSGAN; WGAN with W_D clipped to [-0.05, 0.05]; IWAE with 5 importance samples; flows.
+    "out/dcgan_convtranspose": ("dcgan", dict(DCGAN_HANDOUT, dataset="celeba", img_size=64, upsample="convtranspose",
+                                              batch_size=128, max_iters=iterations(CELEBA_EPOCHS, CELEBA_TRAIN, 128))),
     "out/dcgan_nearest": ("dcgan", dict(DCGAN_HANDOUT, dataset="celeba", img_size=64, upsample="nearest", batch_size=128,
                                         max_iters=iterations(CELEBA_EPOCHS, CELEBA_TRAIN, 128))),
     "out/dcgan_bilinear": ("dcgan", dict(DCGAN_HANDOUT, dataset="celeba", img_size=64, upsample="bilinear", batch_size=128,
@@ -82,7 +84,8 @@ HANDOUT_RUNS = {
        for d in range(1, 6)},
     **{f"out/wgan_depth{d}": ("wgan", dict(dataset="mnist", depth=d, nz=100, lr=3e-4, ema_decay=0.0, augment="none"))
        for d in range(1, 6)},
-    **{f"out/vae_depth{d}": ("vae", dict(arch="conv", depth=d, latent_dim=100, lr=3e-4)) for d in range(1, 6)},
+    **{f"out/vae_csi5340_depth{d}": ("vae", dict(arch="csi5340", depth=d, latent_dim=100, lr=3e-4, recon="mse_mean"))
+       for d in range(1, 6)},
 }
 
 
