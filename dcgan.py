@@ -119,6 +119,17 @@ class Generator(nn.Module):
         return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
+def strided_convs(channels, ndf, n_layers, slope):
+    """D's body: a 4x4 stride-2 conv + LeakyReLU (no batch norm on the input layer), then n_layers - 1 blocks of
+    conv + batch norm + LeakyReLU, each halving the resolution and doubling the width. -> (layers, last width)"""
+    layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
+    width = ndf
+    for _ in range(n_layers - 1):
+        layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(slope, True)]
+        width *= 2
+    return layers, width
+
+
 class Discriminator(nn.Module):
     """image -> one logit: the generator mirrored, LeakyReLU (slope 0.2; DLCV HW4: 0.1), no batch norm on the input layer.
 
@@ -128,12 +139,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, ndf, channels, img_size, slope=0.2):
         super().__init__()
-        n_down = int(math.log2(img_size)) - 2
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
-        width = ndf
-        for _ in range(n_down - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(slope, True)]
-            width *= 2
+        layers, width = strided_convs(channels, ndf, int(math.log2(img_size)) - 2, slope)
         # width x 4 x 4
         layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
         self.net = nn.Sequential(*layers)
@@ -154,11 +160,7 @@ class DepthDiscriminator(nn.Module):
 
     def __init__(self, ndf, channels, img_size, depth, slope=0.2):
         super().__init__()
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
-        width = ndf
-        for _ in range(depth - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(slope, True)]
-            width *= 2
+        layers, width = strided_convs(channels, ndf, depth, slope)
         # (ndf * 2^(depth-1)) x start x start, start = img_size / 2^depth
         start = img_size // 2 ** depth
         layers += [nn.Conv2d(width, width, start, 1, 0, bias=False), nn.LeakyReLU(slope, True), nn.Flatten()]

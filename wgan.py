@@ -144,6 +144,19 @@ def critic_norm_layer(kind, channels):
     return nn.Identity()
 
 
+def strided_convs(channels, ndf, n_layers, norm, slope):
+    """The critic's body: a 4x4 stride-2 conv + LeakyReLU, then n_layers - 1 blocks of conv + norm + LeakyReLU,
+    each halving the resolution and doubling the width. Returns the layers and the last width."""
+    layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
+    width = ndf
+    for _ in range(n_layers - 1):
+        # DCGAN's convs have no bias (the normalisation's offset plays its part); without one they need it
+        layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), critic_norm_layer(norm, width * 2),
+                   nn.LeakyReLU(slope, True)]
+        width *= 2
+    return layers, width
+
+
 class Critic(nn.Module):
     """image -> one unbounded score: the DCGAN discriminator without the sigmoid (CSI5340 assignment 4).
 
@@ -156,14 +169,7 @@ class Critic(nn.Module):
 
     def __init__(self, ndf, channels, img_size, norm="batch", slope=0.2):
         super().__init__()
-        n_down = int(math.log2(img_size)) - 2
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
-        width = ndf
-        for _ in range(n_down - 1):
-            # DCGAN's convs have no bias (the normalisation's offset plays its part); without one they need it
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), critic_norm_layer(norm, width * 2),
-                       nn.LeakyReLU(slope, True)]
-            width *= 2
+        layers, width = strided_convs(channels, ndf, int(math.log2(img_size)) - 2, norm, slope)
         # width x 4 x 4
         layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
         self.net = nn.Sequential(*layers)
@@ -184,12 +190,7 @@ class DepthCritic(nn.Module):
 
     def __init__(self, ndf, channels, img_size, depth, norm="batch", slope=0.2):
         super().__init__()
-        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
-        width = ndf
-        for _ in range(depth - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), critic_norm_layer(norm, width * 2),
-                       nn.LeakyReLU(slope, True)]
-            width *= 2
+        layers, width = strided_convs(channels, ndf, depth, norm, slope)
         # (ndf * 2^(depth-1)) x start x start, start = img_size / 2^depth
         start = img_size // 2 ** depth
         layers += [nn.Conv2d(width, width, start, 1, 0, bias=False), nn.LeakyReLU(slope, True), nn.Flatten()]
