@@ -11,6 +11,7 @@ Rounds alternate the cases so that a change of load hits all of them.
     python bench.py                        # every case, current device
     python bench.py --only dcgan --rounds 3
     python bench.py --quality              # train each default run, evaluate it, one table
+    python bench.py --fid --fid_n 1000     # evaluate.py against python -m pytorch_fid, same folders
 
 The script is timed twice: with the plain loop's work (`--augment none --ema_decay 0`, what
 the ratio compares) and as it runs by default (augmentation and EMA on), under --dtype float32
@@ -207,6 +208,68 @@ def bench_speed(args):
 
 
 # -----------------------------------------------------------------------------
+# FID: `python evaluate.py --real A --fake B` against `python -m pytorch_fid A B`
+
+
+def write_fid_folders(root, n):
+    """n test digits as 'real' and n train digits shifted by one pixel as 'fake', 28x28 PNGs: two
+    different sets, so FID is a real distance."""
+    import numpy as np
+    from PIL import Image
+    sets = {"real": np.load(os.path.join(REPO, "data", "mnist5k", "test.npy"))[:n],
+            "fake": np.roll(np.load(os.path.join(REPO, "data", "mnist5k", "train.npy"))[:n], 1, axis=2)}
+    for name, images in sets.items():
+        os.makedirs(os.path.join(root, name))
+        for i, image in enumerate(images):
+            Image.fromarray(image[..., 0]).save(os.path.join(root, name, f"{i:05d}.png"))
+    return os.path.join(root, "real"), os.path.join(root, "fake")
+
+
+def timed_run(cmd):
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bench.py: {' '.join(cmd[1:3])} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return wall, proc.stdout
+
+
+def bench_fid(args):
+    """Wall time of both commands on the same folders, rounds alternating; the FIDs must agree."""
+    with tempfile.TemporaryDirectory() as root:
+        real, fake = write_fid_folders(root, args.fid_n)
+        report = os.path.join(root, "evaluate.json")
+        commands = {
+            "python -m pytorch_fid A B": lambda: [sys.executable, "-m", "pytorch_fid", real, fake],
+            # a fresh cache each round: the real images' features are computed, not read back
+            "python evaluate.py --real A --fake B": lambda: [sys.executable, "evaluate.py", "--real", real, "--fake", fake,
+                                                            "--json", report, "--cache_dir", tempfile.mkdtemp(dir=root)],
+            "  the same, real features cached": lambda: [sys.executable, "evaluate.py", "--real", real, "--fake", fake,
+                                                         "--json", report, "--cache_dir", os.path.join(root, "cache")],
+        }
+        timed_run(commands["  the same, real features cached"]())  # fills that cache
+        walls, fids = {name: [] for name in commands}, {}
+        for _ in range(args.rounds):
+            for name, command in commands.items():
+                wall, stdout = timed_run(command())
+                walls[name].append(wall)
+                if "pytorch_fid" in name:
+                    fids[name] = float(stdout.split("FID:")[1])
+                else:
+                    with open(report) as f:
+                        fids[name] = json.load(f)["metrics"]["fid"]
+    reference = statistics.median(walls["python -m pytorch_fid A B"])
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, {args.fid_n:,} + {args.fid_n:,} "
+          f"28x28 PNGs, median wall time of {args.rounds} rounds (load average at the end: {os.getloadavg()[0]:.1f})")
+    for name in commands:
+        wall = statistics.median(walls[name])
+        print(f"{name:38s} {wall:7.1f} s  {reference / wall:5.2f}x  FID {fids[name]:.5f}", flush=True)
+    ours, theirs = fids["python evaluate.py --real A --fake B"], fids["python -m pytorch_fid A B"]
+    if abs(ours - theirs) > 1e-3 * abs(theirs):
+        sys.exit(f"bench.py: the FIDs differ: evaluate.py {ours:.6f}, pytorch-fid {theirs:.6f}")
+
+
+# -----------------------------------------------------------------------------
 # Quality: each default run, trained and evaluated as a user would
 
 QUALITY_RUNS = [  # (name, the command a user runs)
@@ -265,6 +328,9 @@ def main():
     p.add_argument("--compile", action="store_true", help="pass --compile to the training scripts")
     p.add_argument("--quality", action="store_true", help="train each default run, then evaluate it with evaluate.py --n 1000")
     p.add_argument("--quality_dir", default="out/bench_quality", help="where --quality's runs go")
+    p.add_argument("--fid", action="store_true", help="time python evaluate.py --real A --fake B against "
+                                                      "python -m pytorch_fid A B on the same PNG folders")
+    p.add_argument("--fid_n", type=int, default=1000, help="--fid: images in each folder (at most 1,000)")
     p.add_argument("--plain", metavar="SCRIPT", help=argparse.SUPPRESS)  # internal: time the plain loop of SCRIPT
     p.add_argument("flags", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -274,6 +340,8 @@ def main():
         print(f"{PLAIN_LOOPS[args.plain](config, args.steps, warmup=args.steps):.3f}")
     elif args.quality:
         bench_quality(args)
+    elif args.fid:
+        bench_fid(args)
     else:
         bench_speed(args)
 

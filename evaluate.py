@@ -1,13 +1,15 @@
 """Evaluate a checkpoint, or any two sets of images, with the standard metrics.
 
-    python evaluate.py --ckpt out/dcgan/ckpt.pt                # FID, KID, IS, classes of the samples
+    python evaluate.py --ckpt out/dcgan/ckpt.pt                # FID (+ spread, limit), KID, IS, PR/DC, classes
     python evaluate.py --ckpt out/vae/ckpt.pt --json vae.json  # the same + reconstruction MSE, bits/dim
     python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, LPIPS, FID (+ bilinear baseline)
     python evaluate.py --real DIR_OR_NPY --fake DIR_OR_NPY     # like python -m pytorch_fid A B
+    python evaluate.py --real DIR_OR_NPY --save_stats ref.npz  # like python -m pytorch_fid --save-stats A ref.npz
 
 What is measured depends on what the checkpoint's script defines (README: "The model interface"):
-`generate` -> FID, KID, Inception Score and, on labelled data, the class
-histogram of the samples; `encode` + `log_importance_weights` -> reconstruction
+`generate` -> FID with its bootstrap spread and its extrapolation to infinitely many
+samples, KID, Inception Score, precision/recall/density/coverage and, on labelled
+data, the class histogram of the samples (also drawn as a bar chart); `encode` + `log_importance_weights` -> reconstruction
 MSE and bits per dimension; `upscale` + `degrade` -> MSE, PSNR, LPIPS and FID, each also
 of the bilinear-upsampled input, the baseline a super-resolution network has to beat.
 FID, KID and IS use pytorch-fid's TensorFlow-ported Inception and its
@@ -15,6 +17,7 @@ preprocessing, so FID matches `python -m pytorch_fid` on the same PNGs. Every
 model output is rounded to uint8 exactly as saving it as a PNG would round it.
 """
 import argparse
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -25,6 +28,7 @@ import shutil
 import sys
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torchvision.models import inception as tv_inception
 from tqdm import tqdm
@@ -46,16 +51,22 @@ LPIPS_BACKBONES = {  # the ImageNet weights that lpips.LPIPS(net=...) gets throu
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
 IS_SPLITS = 10
+PRDC_K = 3  # nearest neighbours, as both papers recommend
+FID_BOOTSTRAPS = 10  # resamples of the generated set for fid_std (--bootstrap)
+FID_INF_POINTS = 15  # subset sizes fitted for fid_inf, as Chong & Forsyth
 FEW_SAMPLES = 2048  # fewer images than feature dimensions: singular covariance, FID biased upwards
 BPD_SAMPLES_PER_CALL = 2048  # images x importance samples in one log_importance_weights call
 CLASSIFIER_VERSION = 1  # part of the classifier's cache key: bump when its recipe changes
+RESIZE_PATH = ("uint8 / 255, bilinear to 299x299 (align_corners=False, no antialias), then 2x - 1; "
+               "gray repeated to RGB (pytorch-fid's preprocessing)")
 METRICS = {
-    "generator": ["fid", "kid", "is", "classes"],
+    "generator": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc", "classes"],
     "vae": ["mse", "bpd"],
     "sr": ["mse", "psnr", "lpips", "fid"],
-    "images": ["fid", "kid", "is"],
+    "images": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc"],
 }
-METRIC_ALIASES = {"digits": "classes"}  # the name of `classes` before it served any labelled dataset
+METRIC_ALIASES = {"digits": "classes",  # the name of `classes` before it served any labelled dataset
+                  "precision": "prdc", "recall": "prdc", "density": "prdc", "coverage": "prdc"}
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +225,13 @@ def inception_features(images, model, batch_size=50, device="cpu", desc=None):
 
 def feature_statistics(features):
     f = np.asarray(features, dtype=np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))  # np.cov of one feature is a number
+
+
+def psd_sqrt(sigma):
+    """The symmetric square root of a covariance matrix, from its eigenvalues."""
+    w, v = scipy.linalg.eigh(sigma)
+    return (v * np.sqrt(zero_rounding_noise(w))) @ v.T
 
 
 def trace_sqrt_product(sigma1, sigma2):
@@ -225,9 +242,11 @@ def trace_sqrt_product(sigma1, sigma2):
     root is the sum of their square roots. Unlike sqrtm of the non-symmetric
     product, this needs no eps on the diagonal when the covariances are singular.
     """
-    w, v = scipy.linalg.eigh(sigma1)
-    root = (v * np.sqrt(zero_rounding_noise(w))) @ v.T
-    m = root @ sigma2 @ root
+    root = psd_sqrt(sigma1)
+    return sqrt_eigenvalue_sum(root @ sigma2 @ root)
+
+
+def sqrt_eigenvalue_sum(m):
     return np.sqrt(zero_rounding_noise(scipy.linalg.eigvalsh((m + m.T) / 2))).sum()
 
 
@@ -243,6 +262,99 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+# -----------------------------------------------------------------------------
+# How far FID is from its limit: bootstrap spread, FID extrapolated to infinitely many images
+
+
+class FrechetToReference:
+    """FID of a set of generated features, and of subsets of it, against one reference (mu, sigma).
+
+    The reference's square root R and the rotated features F R are computed once. For a subset with
+    centred features A (n x d), R S R = M^T M with M = A R / sqrt(n - 1); its non-zero eigenvalues are
+    those of the n x n matrix M M^T, the smaller one when there are fewer images than dimensions.
+    """
+
+    def __init__(self, mu, sigma, features, root=None):
+        """root: sigma^1/2, when it is already known."""
+        self.mu = np.asarray(mu, dtype=np.float64)
+        self.trace = float(np.trace(sigma))
+        self.features = np.asarray(features, dtype=np.float64)
+        self.rotated = self.features @ (psd_sqrt(np.asarray(sigma, dtype=np.float64)) if root is None else root)
+
+    def __call__(self, rows=slice(None)):
+        """FID of the generated features at index `rows` (all by default; repeated indices allowed)."""
+        f, fr = self.features[rows], self.rotated[rows]
+        n = len(f)
+        mu = f.mean(0)
+        m = (fr - fr.mean(0)) / math.sqrt(n - 1)  # (f - mu) R / sqrt(n - 1)
+        trace_sqrt = sqrt_eigenvalue_sum(m @ m.T if n < f.shape[1] else m.T @ m)
+        diff = mu - self.mu
+        return float(diff @ diff + self.trace + ((f - mu) ** 2).sum() / (n - 1) - 2 * trace_sqrt)
+
+
+def fid_bootstrap_std(fid_of, resamples, seed=0):
+    """Standard deviation (ddof 1) of FID over bootstrap resamples of the generated features: each
+    resample draws n indices with replacement, from numpy's default_rng(seed)."""
+    n = len(fid_of.features)
+    rng = np.random.default_rng(seed)
+    return float(np.std([fid_of(rng.integers(0, n, n)) for _ in range(resamples)], ddof=1))
+
+
+def fid_infinity(fid_of, points=FID_INF_POINTS, seed=0):
+    """FID extrapolated to infinitely many generated images (Chong & Forsyth, CVPR 2020): (FID_inf, sizes).
+
+    E[FID_N] is linear in 1/N for large N. FID_N is computed on random subsets (without replacement,
+    default_rng(seed)) of N images, N evenly spaced from n/5 to n; a least-squares line in 1/N gives
+    FID_inf at 1/N = 0. The paper uses 15 sizes from 5,000 to 50,000.
+    """
+    n = len(fid_of.features)
+    sizes = np.unique(np.linspace(max(2, n // 5), n, points).astype(int))
+    rng = np.random.default_rng(seed)
+    fids = [fid_of(rng.choice(n, size, replace=False)) for size in sizes]
+    _, intercept = np.polyfit(1.0 / sizes, fids, 1)
+    return float(intercept), sizes
+
+
+# -----------------------------------------------------------------------------
+# Precision, recall (Kynkäänniemi et al. 2019), density, coverage (Naeem et al. 2020)
+
+
+def squared_distances(a, b):
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T).clamp_min_(0)
+
+
+def knn_squared_radii(x, k, chunk=1024):
+    """Squared distance from each row of x to its k-th nearest other row (the row itself is the nearest)."""
+    return torch.cat([squared_distances(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), chunk)])
+
+
+def precision_recall_density_coverage(real, fake, k=PRDC_K, chunk=1024):
+    """The four numbers on features, each real (generated) image owning the ball that reaches its k-th
+    nearest real (generated) neighbour:
+    precision: the fraction of generated images inside some real ball;
+    recall: the fraction of real images inside some generated ball;
+    density: the number of real balls around each generated image, over k, averaged (can exceed 1);
+    coverage: the fraction of real balls that hold at least one generated image.
+    """
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    real_r2, fake_r2 = knn_squared_radii(real, k, chunk), knn_squared_radii(fake, k, chunk)
+    in_real_ball = torch.zeros(len(fake), dtype=torch.bool)
+    real_balls_per_fake = torch.zeros(len(fake), dtype=torch.float64)
+    covered = torch.zeros(len(real), dtype=torch.bool)
+    recalled = torch.zeros(len(real), dtype=torch.bool)
+    for i in range(0, len(fake), chunk):
+        d2 = squared_distances(fake[i:i + chunk], real)  # generated x real
+        inside = d2 <= real_r2[None]
+        in_real_ball[i:i + chunk] = inside.any(1)
+        real_balls_per_fake[i:i + chunk] = inside.sum(1)
+        covered |= inside.any(0)
+        recalled |= (d2 <= fake_r2[i:i + chunk, None]).any(0)
+    return {"precision": in_real_ball.double().mean().item(), "recall": recalled.double().mean().item(),
+            "density": real_balls_per_fake.mean().item() / k, "coverage": covered.double().mean().item()}
 
 
 def polynomial_kernel(x, y):
@@ -322,6 +434,47 @@ def real_features(images, name, inception, args):
     if not args.no_cache:
         save_atomic(lambda f: np.save(f, features), path)
     return features
+
+
+@dataclasses.dataclass
+class RealSide:
+    """What the samples are compared with: the real images' Inception features and their statistics,
+    or only the statistics when they come from a .npz file (then count is unknown)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray = None
+    count: int = None
+
+
+def real_side(features):
+    return RealSide(*feature_statistics(features), features=features, count=len(features))
+
+
+def load_statistics(path):
+    """mu and sigma from a .npz as pytorch-fid's --save-stats writes it."""
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"], f["sigma"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--real {path}: no such file") from None
+    except KeyError:
+        raise ValueError(f"--real {path}: no mu and sigma arrays in it (pytorch-fid's --save-stats format)") from None
+    except Exception as e:  # numpy raises several types for a file that is no .npz
+        raise ValueError(f"--real {path}: cannot read it as an .npz file ({e})") from None
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise ValueError(f"--real {path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of the 2048-d "
+                         "pool features (pytorch-fid's default --dims 2048)")
+    return RealSide(mu.astype(np.float64), sigma.astype(np.float64))
+
+
+def save_statistics(path, real):
+    """mu and sigma in pytorch-fid's format, which python -m pytorch_fid reads in place of a folder."""
+    try:
+        save_atomic(lambda f: np.savez_compressed(f, mu=real.mu, sigma=real.sigma), Path(path))
+    except OSError as e:
+        raise OSError(f"--save_stats {path}: cannot write it ({e})") from None
+    count = f"{real.count:,} real images" if real.count else "the real statistics"
+    print(f"evaluate.py: wrote mu and sigma of {count} to {path}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -417,6 +570,35 @@ def class_metrics(predicted, requested, real_labels, n_classes, accuracy):
     return rows
 
 
+def draw_class_histogram(counts, real_labels, path, class_names=None):
+    """Bar chart of the samples' class mix beside the real one (the MNIST homework's mode-collapse count).
+    Returns a note for the table: where it went, or why it was not drawn."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no display backend needed
+    except ImportError:
+        return "no bar chart: matplotlib is not installed"
+    n_classes = len(counts)
+    names = class_names if class_names and len(class_names) == n_classes else [str(c) for c in range(n_classes)]
+    fake = np.asarray(counts, dtype=np.float64) / max(1, sum(counts))
+    real = np.bincount(np.asarray(real_labels), minlength=n_classes)[:n_classes] / len(real_labels)
+    fig = Figure(figsize=(max(4.0, 0.5 * n_classes + 1), 3.2))
+    ax = fig.subplots()
+    x = np.arange(n_classes)
+    ax.bar(x - 0.2, real, width=0.4, color="tab:gray", label=f"real ({len(real_labels):,})")
+    ax.bar(x + 0.2, fake, width=0.4, color="tab:orange", label=f"samples ({sum(counts):,})")
+    ax.set_xticks(x, names, rotation=45 if max(len(n) for n in names) > 3 else 0)
+    ax.set_ylabel("fraction")
+    ax.set_title("class of each image, by the label classifier")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        return f"no bar chart: cannot write {path} ({e.strerror or e})"
+    return f"bar chart beside the real mix: {path}"
+
+
 # -----------------------------------------------------------------------------
 # Images from a checkpoint's script, or from a folder / .npy file
 
@@ -428,6 +610,11 @@ def to_uint8(x):
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+def read_rgb(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def load_image_set(path):
     """uint8 N x C x H x W from a folder of images (non-recursive, as pytorch-fid) or an .npy array."""
     p = Path(path)
@@ -435,7 +622,8 @@ def load_image_set(path):
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}")
-        arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes outside the GIL
+            arrays = list(pool.map(read_rgb, files))
         sizes = {a.shape for a in arrays}
         if len(sizes) > 1:
             raise ValueError(f"images in {path} have different sizes {sorted(sizes)[:2]}; resize them to one size")
@@ -666,34 +854,87 @@ def super_resolution_pass(module, models, config, images, batch_size, device, lp
 # Putting it together
 
 
-def distribution_rows(metrics, real, fake, fake_logits, inception, seed, fake_name="generated"):
-    """FID, KID and IS rows from the Inception outputs of the real and the generated images."""
-    rows = []
-    too_few = min(len(real), len(fake)) < 2
-    for name in ("fid", "kid"):
-        if name in metrics and too_few:
-            rows.append((name, None, "unavailable: needs at least 2 images on each side"))
-    if "fid" in metrics and not too_few:
-        fid = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
-        rows.append(("fid", fid, f"{len(fake):,} {fake_name} vs {len(real):,} real images"))
-    if "kid" in metrics and not too_few:
-        mean, std = kernel_inception_distance(real, fake, seed=seed)
-        size = min(KID_SUBSET_SIZE, len(real), len(fake))
-        rows += [("kid", mean, f"{KID_SUBSETS} subsets of {size}"), ("kid_std", std, "over the subsets")]
+def distribution_rows(metrics, real, fake, fake_logits, inception, seed, fake_name="generated",
+                       bootstraps=FID_BOOTSTRAPS):
+    """FID (with its spread and limit), KID, IS, precision/recall/density/coverage rows from the
+    Inception outputs of the generated images and the RealSide they are compared with."""
+    rows = fid_rows(metrics, real, fake, seed, fake_name, bootstraps)
+    if "kid" in metrics:
+        rows += kid_rows(real, fake, seed)
     if "is" in metrics:
-        if not inception.has_classifier:
-            rows.append(("is", None, "unavailable: the Inception weights have no classifier layer (fc is NaN)"))
-        elif len(fake_logits) < IS_SPLITS:
-            rows.append(("is", None, f"unavailable: needs at least {IS_SPLITS} images"))
-        else:
-            mean, std = inception_score(fake_logits)
-            rows += [("is", mean, f"{IS_SPLITS} splits of the {fake_name} images"), ("is_std", std, "over the splits")]
+        rows += is_rows(fake_logits, inception, fake_name)
+    if "prdc" in metrics:
+        rows += prdc_rows(real, fake, seed, fake_name)
     return rows
 
 
+def fid_rows(metrics, real, fake, seed, fake_name, bootstraps):
+    n = len(fake)
+    if min(n, real.count or n) < 2:
+        return [(name, None, "unavailable: needs at least 2 images on each side")
+                for name in ("fid", "fid_std", "fid_inf") if name in metrics]
+    fid_of = FrechetToReference(real.mu, real.sigma, fake)
+    rows = []
+    if "fid" in metrics:
+        against = f"{real.count:,} real images" if real.count else "the real statistics (.npz)"
+        rows.append(("fid", fid_of(), f"{n:,} {fake_name} vs {against}"))
+    if "fid_std" in metrics:
+        rows.append(("fid_std", fid_bootstrap_std(fid_of, bootstraps, seed),
+                     f"std over {bootstraps} bootstrap resamples of the {fake_name} images"))
+    if "fid_inf" in metrics and n < 10:
+        rows.append(("fid_inf", None, "unavailable: needs at least 10 images"))
+    elif "fid_inf" in metrics:
+        value, sizes = fid_infinity(fid_of, seed=seed)
+        rows.append(("fid_inf", value, f"extrapolated to infinitely many {fake_name} images from "
+                                       f"{len(sizes)} subsets of {sizes[0]:,} to {sizes[-1]:,}"))
+    return rows
+
+
+def kid_rows(real, fake, seed):
+    if real.features is None:
+        return [("kid", None, "unavailable: --real is statistics (.npz); KID needs the images' features")]
+    if min(len(real.features), len(fake)) < 2:
+        return [("kid", None, "unavailable: needs at least 2 images on each side")]
+    mean, std = kernel_inception_distance(real.features, fake, seed=seed)
+    size = min(KID_SUBSET_SIZE, len(real.features), len(fake))
+    return [("kid", mean, f"{KID_SUBSETS} subsets of {size}"), ("kid_std", std, "over the subsets")]
+
+
+def is_rows(fake_logits, inception, fake_name):
+    if not inception.has_classifier:
+        return [("is", None, "unavailable: the Inception weights have no classifier layer (fc is NaN)")]
+    if len(fake_logits) < IS_SPLITS:
+        return [("is", None, f"unavailable: needs at least {IS_SPLITS} images")]
+    mean, std = inception_score(fake_logits)
+    return [("is", mean, f"{IS_SPLITS} splits of the {fake_name} images"), ("is_std", std, "over the splits")]
+
+
+def prdc_rows(real, fake, seed, fake_name):
+    """Precision, recall, density, coverage on equally many real and generated images (a random subset of
+    the larger set): the k-NN balls of each side are then estimated at the same density."""
+    names = ("precision", "recall", "density", "coverage")
+    if real.features is None:
+        return [(name, None, "unavailable: --real is statistics (.npz); it needs the images' features")
+                for name in names]
+    m = min(len(real.features), len(fake))
+    if m <= PRDC_K:
+        return [(name, None, f"unavailable: needs more than {PRDC_K} images on each side") for name in names]
+    rng = np.random.default_rng(seed)
+
+    def pick(features):
+        return features if len(features) == m else features[np.sort(rng.choice(len(features), m, replace=False))]
+
+    values = precision_recall_density_coverage(pick(real.features), pick(fake))
+    notes = {"precision": f"k = {PRDC_K}, {m:,} {fake_name} vs {m:,} real images",
+             "recall": "share of real images near a sample", "density": "real neighbourhoods per sample, / k",
+             "coverage": "share of real neighbourhoods holding a sample"}
+    return [(name, values[name], notes[name]) for name in names]
+
+
 def warn_few(metrics, n_real, n_fake):
-    if "fid" in metrics and min(n_real, n_fake) < FEW_SAMPLES:
-        print(f"evaluate.py: warning: FID on fewer than {FEW_SAMPLES:,} images ({n_fake:,} generated, {n_real:,} real) "
+    if "fid" in metrics and min(n_real or n_fake, n_fake) < FEW_SAMPLES:
+        real = f"{n_real:,} real" if n_real else "real statistics"
+        print(f"evaluate.py: warning: FID on fewer than {FEW_SAMPLES:,} images ({n_fake:,} generated, {real}) "
               "is biased upwards; compare only with FIDs from the same numbers of images", file=sys.stderr)
 
 
@@ -704,16 +945,51 @@ def subset(images, n, seed):
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
 
 
+def provenance(args, inception):
+    """How the numbers were made, for the JSON report."""
+    return {"seed": args.seed, "batch_size": args.batch_size, "device": str(args.device),
+            "inception_sha256": inception.weights_sha if inception is not None else None,
+            "resize": RESIZE_PATH if inception is not None else None,
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                         "numpy": np.__version__, "scipy": scipy.__version__}}
+
+
+def is_statistics_file(path):
+    return path is not None and Path(path).suffix.lower() == ".npz"
+
+
+def load_real_side(args, inception):
+    """--real as features of its images (cached), or as the statistics of a .npz file."""
+    if is_statistics_file(args.real):
+        return load_statistics(args.real)
+    images = load_image_set(args.real)
+    return real_side(real_features(images, Path(args.real).stem, inception, args))
+
+
 def evaluate_images(args):
-    """--real A --fake B: FID, KID and IS of two sets of images."""
+    """--real A --fake B: FID and the rest for two sets of images; --save_stats: the statistics of A."""
     metrics = choose_metrics(args.metrics, ["images"], "--real/--fake")
-    real, fake = load_image_set(args.real), load_image_set(args.fake)
+    if is_statistics_file(args.fake):
+        raise ValueError(f"--fake {args.fake}: give the images themselves; for FID between two statistics files "
+                         "use python -m pytorch_fid A.npz B.npz")
+    fake = load_image_set(args.fake) if args.fake else None
     inception = load_inception(args.inception, args.device)
-    warn_few(metrics, len(real), len(fake))
-    real_feats = real_features(real, Path(args.real).stem, inception, args)
+    real = load_real_side(args, inception)
+    if args.save_stats:
+        save_statistics(args.save_stats, real)
+    source = {"real": str(args.real), "fake": args.fake and str(args.fake), "n_real": real.count,
+              "n_fake": None if fake is None else len(fake), **provenance(args, inception)}
+    if fake is None:
+        return source, []
+    needs_features = [{"kid": "KID", "prdc": "precision/recall/density/coverage"}[m] for m in metrics
+                      if m in ("kid", "prdc")]
+    if real.features is None and needs_features:
+        print(f"evaluate.py: --real {args.real} holds statistics, not features: {' and '.join(needs_features)} "
+              "need the real images and are not computed", file=sys.stderr)
+    warn_few(metrics, real.count, len(fake))
     fake_feats, fake_logits = inception_features(fake, inception, args.batch_size, args.device, desc="fake")
-    source = {"real": str(args.real), "fake": str(args.fake), "n_real": len(real), "n_fake": len(fake)}
-    rows = distribution_rows(metrics, real_feats, fake_feats.numpy(), fake_logits, inception, args.seed, "fake")
+    rows = distribution_rows(metrics, real, fake_feats.numpy(), fake_logits, inception, args.seed, "fake",
+                             args.bootstrap)
     return source, rows
 
 
@@ -729,7 +1005,7 @@ def classes_setup(module, config, device, cache_dir):
     return classifier, accuracy, test[1]
 
 
-def generator_rows(module, models, config, metrics, real_feats, inception, args):
+def generator_rows(module, models, config, metrics, real, inception, args):
     classes, rows = None, []
     if "classes" in metrics:
         classes = classes_setup(module, config, args.device, None if args.no_cache else args.cache_dir)
@@ -738,11 +1014,24 @@ def generator_rows(module, models, config, metrics, real_feats, inception, args)
     batches = generated_batches(module, models, config, args.n, args.batch_size, args.device, args.seed)
     out = generated_pass(batches, args.n, inception, classes[0] if classes else None)
     if inception is not None:
-        rows += distribution_rows(metrics, real_feats, out["features"].numpy(), out["logits"], inception, args.seed)
+        rows += distribution_rows(metrics, real, out["features"].numpy(), out["logits"], inception, args.seed,
+                                  bootstraps=args.bootstrap)
     if classes is not None:
         classifier, accuracy, test_labels = classes
-        rows += class_metrics(out["predicted"], out["requested"], test_labels, classifier[-1].out_features, accuracy)
+        class_rows = class_metrics(out["predicted"], out["requested"], test_labels, classifier[-1].out_features, accuracy)
+        rows += with_class_chart(class_rows, test_labels, Path(args.ckpt).parent / "class_histogram.png",
+                                 config.get("class_names"))
     return rows
+
+
+def with_class_chart(rows, real_labels, path, class_names):
+    """The class rows, with the bar chart drawn and named in the histogram's note."""
+    out = []
+    for name, value, note in rows:
+        if name == "class_histogram":
+            note = f"{note}; {draw_class_histogram(value, real_labels, path, class_names)}"
+        out.append((name, value, note))
+    return out
 
 
 def seed_posterior_draws(seed):
@@ -762,11 +1051,15 @@ def vae_rows(module, models, metrics, images, args):
         seed_posterior_draws(args.seed)
         x = subset(images, args.bpd_n, args.seed)
         bpd = bits_per_dim(module, models, x, args.bpd_k, args.batch_size, args.device, args.seed)
-        rows.append(("bpd", bpd, f"importance sampling, k={args.bpd_k}, {len(x):,} {args.split} images"))
+        c, h, w = x.shape[1:]
+        rows.append(("bpd", bpd, f"bits/dim: -log2 p(x) / (C x H x W = {c * h * w:,}), the standard; importance "
+                                 f"sampling, k={args.bpd_k}, {len(x):,} {args.split} images"))
+        rows.append(("bpp", c * bpd, f"bits per pixel as the 2018 assignment counts them: / (H x W = {h * w:,}), "
+                                     f"= {c} x bpd; not comparable with RealNVP's 3.02, which is bits/dim"))
     return rows
 
 
-def sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model, lpips_unavailable, args):
+def sr_rows(module, models, config, metrics, images, real, inception, lpips_model, lpips_unavailable, args):
     means, features = super_resolution_pass(module, models, config, images, args.batch_size, args.device,
                                             lpips_model, inception)
     baseline = "the bilinear-upsampled input (baseline)"
@@ -781,7 +1074,7 @@ def sr_rows(module, models, config, metrics, images, real_feats, inception, lpip
     if "fid" in metrics and len(images) < 2:
         rows.append(("fid", None, "unavailable: needs at least 2 images"))
     elif "fid" in metrics:
-        real_stats = feature_statistics(real_feats)
+        real_stats = real.mu, real.sigma
         rows.append(("fid", frechet_distance(*real_stats, *feature_statistics(features[""])),
                      f"{len(images):,} outputs vs the {args.split} images"))
         rows.append(("fid_bilinear", frechet_distance(*real_stats, *feature_statistics(features["_bilinear"])), baseline))
@@ -800,22 +1093,25 @@ def evaluate_checkpoint(args):
     images = subset(module.real_images(config, args.split)[0], args.n_real, args.seed)
     name = f"{config.get('dataset', 'data')}_{args.split}"
     lpips_model, lpips_unavailable = lpips_if_available(metrics, args)
-    uses_inception = any(m in metrics for m in ("fid", "kid", "is"))
-    inception = load_inception(args.inception, args.device) if uses_inception else None
+    uses_inception = any(m in metrics for m in ("fid", "fid_std", "fid_inf", "kid", "is", "prdc"))
+    inception = load_inception(args.inception, args.device) if uses_inception or args.save_stats else None
     if uses_inception:
         warn_few(metrics, len(images), len(images) if "sr" in kinds else args.n)
-    real_feats = real_features(images, name, inception, args) if uses_inception else None
+    real = real_side(real_features(images, name, inception, args)) if inception is not None else None
+    if args.save_stats:
+        save_statistics(args.save_stats, real)
     rows = []
     if "sr" in kinds:
-        rows += sr_rows(module, models, config, metrics, images, real_feats, inception, lpips_model,
+        rows += sr_rows(module, models, config, metrics, images, real, inception, lpips_model,
                         lpips_unavailable, args)
     elif "generator" in kinds:
-        rows += generator_rows(module, models, config, metrics, real_feats, inception, args)
+        rows += generator_rows(module, models, config, metrics, real, inception if uses_inception else None, args)
     if "vae" in kinds:
         rows += vae_rows(module, models, metrics, images, args)
     source = {"ckpt": str(args.ckpt), "script": ckpt["script"], "step": ckpt.get("step"),
               "dataset": config.get("dataset"), "split": args.split, "n_real": len(images),
-              "n_generated": args.n if "generator" in kinds and "sr" not in kinds else None}
+              "n_generated": args.n if "generator" in kinds and "sr" not in kinds else None,
+              **provenance(args, inception)}
     return source, rows
 
 
@@ -861,6 +1157,17 @@ def resolve_device(name):
     return torch.device("cpu")
 
 
+def configure_backends(device):
+    """The same features on every run and at every batch size. On CUDA: no cudnn autotuning (it times
+    kernels per run and may pick others next time), deterministic kernels, and no TF32 (it would move
+    FID away from the float32 reference)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad command line reported in one line instead of the whole usage."""
 
@@ -871,10 +1178,14 @@ class OneLineParser(argparse.ArgumentParser):
 def get_args(argv=None):
     p = OneLineParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt) to evaluate")
-    p.add_argument("--real", help="reference images: a folder of images or a uint8 .npy (N x H x W x C)")
+    p.add_argument("--real", help="reference images: a folder of images, a uint8 .npy (N x H x W x C), or the "
+                                  "statistics (.npz) that --save_stats or python -m pytorch_fid --save-stats wrote")
     p.add_argument("--fake", help="images to evaluate against --real: a folder or an .npy")
-    p.add_argument("--metrics", help="comma-separated subset of fid,kid,is,classes,mse,psnr,lpips,bpd "
-                                     "(default: all that apply to the model; digits = classes)")
+    p.add_argument("--save_stats", metavar="PATH.npz", help="write mu and sigma of the real images in pytorch-fid's "
+                                                            "format (with --real alone: only that)")
+    p.add_argument("--metrics", help="comma-separated subset of fid,fid_std,fid_inf,kid,is,prdc,classes,mse,psnr,"
+                                     "lpips,bpd (default: all that apply; precision, recall, density, coverage = "
+                                     "prdc; digits = classes)")
     p.add_argument("--n", type=int, default=10000, help="number of samples to generate")
     p.add_argument("--split", default="test", choices=["test", "train"], help="the real images compared with")
     p.add_argument("--n_real", type=int, default=None, help="use a random subset of this many real images (default all)")
@@ -884,6 +1195,8 @@ def get_args(argv=None):
     p.add_argument("--lpips_net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
     p.add_argument("--bpd_k", type=int, default=2000, help="importance samples per image for bits/dim")
     p.add_argument("--bpd_n", type=int, default=None, help="bits/dim on a random subset of this many images (default all)")
+    p.add_argument("--bootstrap", type=int, default=FID_BOOTSTRAPS,
+                   help="resamples of the generated features for fid_std")
     p.add_argument("--batch_size", type=int, default=None, help="images per forward pass (default 250 on GPU, 50 on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--seed", type=int, default=0,
@@ -896,12 +1209,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.real is None and args.fake is None):
         p.error("give either --ckpt, or both --real and --fake")
-    if args.ckpt is None and (args.real is None or args.fake is None):
-        p.error("--real and --fake go together")
-    for flag in ("n", "n_real", "bpd_k", "bpd_n", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "n" else 1):
-            p.error(f"--{flag} must be at least {2 if flag == 'n' else 1}")
+    if args.ckpt is None and (args.real is None or (args.fake is None and args.save_stats is None)):
+        p.error("--real and --fake go together (or --real with --save_stats)")
+    if args.save_stats is not None and not args.save_stats.endswith(".npz"):
+        p.error(f"--save_stats {args.save_stats}: the file name must end in .npz, as pytorch-fid reads it")
+    for flag in ("n", "n_real", "bpd_k", "bpd_n", "batch_size", "bootstrap"):
+        value, least = getattr(args, flag), 2 if flag in ("n", "bootstrap") else 1
+        if value is not None and value < least:
+            p.error(f"--{flag} must be at least {least}")
     return args
 
 
@@ -909,13 +1224,12 @@ def main(argv=None):
     args = get_args(argv)
     try:
         args.device = resolve_device(args.device)
-        if args.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would move FID away from the reference
+        configure_backends(args.device)
         if args.batch_size is None:
             args.batch_size = 250 if args.device.type == "cuda" else 50
         source, rows = evaluate_checkpoint(args) if args.ckpt else evaluate_images(args)
-        print_table(rows)
+        if rows:
+            print_table(rows)
         if args.json:
             write_json(args.json, source, rows)
     except (OSError, ValueError, ImportError) as e:

