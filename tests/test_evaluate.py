@@ -298,6 +298,29 @@ def test_features_and_fid_do_not_depend_on_the_batch_size(inception, folders):
     assert fids[0] > 1 and fids[1] == pytest.approx(fids[0], rel=1e-4)
 
 
+def test_cpu_threads_run_slices_side_by_side_with_the_same_features(inception, folders, monkeypatch):
+    """With several threads the Inception pass cuts a batch into single-threaded slices run side by side;
+    the features equal those of one pass over the whole batch."""
+    images = evaluate.load_image_set(folders.fake)[:evaluate.CPU_SLICE + 3]
+    whole = evaluate.inception_features(images, inception, batch_size=len(images))[0]  # one thread: one pass
+    slices = []
+    single_pass = evaluate.single_thread_pass
+
+    def recording_pass(model, x):
+        slices.append((len(x), torch.get_num_threads()))
+        return single_pass(model, x)
+
+    monkeypatch.setattr(evaluate, "single_thread_pass", recording_pass)
+    torch.set_num_threads(2)
+    try:
+        sliced = evaluate.inception_features(images, inception, batch_size=len(images))[0]
+        assert torch.get_num_threads() == 2  # restored after the pass
+    finally:
+        torch.set_num_threads(1)
+    assert sorted(slices) == [(3, 1), (evaluate.CPU_SLICE, 1)]
+    assert torch.allclose(sliced, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+
+
 def test_requirements_keep_the_scipy_that_pytorch_fid_runs_on():
     from packaging.requirements import Requirement
 
@@ -760,7 +783,7 @@ def test_label_classifier_accuracy_cache_and_agreement(mnist5k, tmp_path):
         sample_latent=lambda config, n, device, generator=None: torch.randint(0, 100, (n,), generator=generator),
         generate=lambda models, z, labels: torch.stack([by_class[c][i] for c, i in zip(labels.tolist(), z.tolist())]) / 255)
     batches = evaluate.generated_batches(conditional, {}, {"n_classes": 10}, 300, 64, "cpu", seed=0)
-    out = evaluate.generated_pass(batches, 300, None, model)
+    out = evaluate.generated_pass(batches, 300, None, model, "cpu")
     rows = dict((name, value) for name, value, _ in evaluate.class_metrics(out["predicted"], out["requested"], test[1], 10, accuracy))
     assert torch.equal(out["requested"], torch.arange(300) % 10)
     assert sum(rows["class_histogram"]) == 300 and rows["class_agreement"] >= 0.9 and rows["class_tv"] < 0.1
