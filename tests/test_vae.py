@@ -429,6 +429,7 @@ def test_latent_map_pca_and_tsne_paths(monkeypatch):
     torch.manual_seed(0)
     points = torch.randn(200, 6) * torch.tensor([5.0, 1, 1, 1, 3, 1])
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import fails: PCA
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # (an earlier test may have imported it)
     xy, method = vae.latent_map(points)
     assert method == "PCA" and xy.shape == (200, 2)
     assert abs(xy[:, 0].var().item() - 25) < 5 and abs(xy[:, 1].var().item() - 9) < 2.5  # the two widest directions
