@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ TINY = ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--device
 
 
 def config(**kw):
-    base = dict(nz=16, ngf=16, ndf=16, channels=1, img_size=32, arch="conv", upsample="convtranspose")
+    base = dict(nz=16, ngf=16, ndf=16, channels=1, img_size=32, arch="conv", upsample="convtranspose", depth=None,
+                leaky_slope=0.2)
     return {**base, **kw}
 
 
@@ -60,15 +62,15 @@ def test_handout_layer_tables():
     assert [m.stride[0] for m in convs] == [1, 2, 2, 2, 2]
     # the MNIST homework (32x32, hidden 16): 4h x 4 x 4, 2h x 8 x 8, h x 16 x 16, 1 x 32 x 32
     G = dcgan.build_models(config())["G"]
-    shapes, x = [], torch.randn(2, 16, 1, 1)
-    for layer in G.net:
+    shapes, x = [], torch.randn(2, 16)
+    for layer in G:
         x = layer(x)
         if isinstance(layer, nn.ConvTranspose2d):
             shapes.append(tuple(x.shape[1:]))
     assert shapes == [(64, 4, 4), (32, 8, 8), (16, 16, 16), (1, 32, 32)]
     D = dcgan.build_models(config(img_size=64, channels=3, ndf=64))["D"]
     assert [m.out_channels for m in D.modules() if isinstance(m, nn.Conv2d)] == [64, 128, 256, 512, 1]
-    assert not isinstance(D.net[1], nn.BatchNorm2d)  # no batch norm on the input layer
+    assert not isinstance(D[1], nn.BatchNorm2d)  # no batch norm on the input layer
 
 
 def test_mlp_architecture_and_init():
@@ -109,13 +111,13 @@ def test_each_loss_gives_the_generator_its_own_gradient(kind):
 def csi5340_table(G, D, nz, img_size):
     """The layer types and output shapes (C, H, W) of G and D, as CSI5340 assignment 4's modules list them."""
     shapes = {"G": [], "D": []}
-    x = torch.randn(2, nz, 1, 1)
-    for layer in G.net:
+    x = torch.randn(2, nz)
+    for layer in G:
         x = layer(x)
         if isinstance(layer, nn.ConvTranspose2d):
             shapes["G"].append(tuple(x.shape[1:]))
     x = torch.randn(2, 1, img_size, img_size)
-    for layer in D.net:
+    for layer in D:
         x = layer(x)
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             shapes["D"].append(tuple(x.shape[1:]))
@@ -128,11 +130,11 @@ def test_depth_builds_the_csi5340_modules(depth):
     # Discriminator: conv, LeakyReLU, (depth - 1) x (conv, BN, LeakyReLU), conv, LeakyReLU, linear to 1 (sigmoid in the loss)
     models = dcgan.build_models(config(depth=depth, nz=100, ngf=8, ndf=8))
     G, D = models["G"], models["D"]
-    kinds = [type(m) for m in G.net]
-    assert kinds == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * depth + [nn.ConvTranspose2d, nn.Tanh]
-    kinds = [type(m) for m in D.net]
+    kinds = [type(m) for m in G]
+    assert kinds == [nn.Unflatten] + [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * depth + [nn.ConvTranspose2d, nn.Tanh]
+    kinds = [type(m) for m in D]
     assert kinds == ([nn.Conv2d, nn.LeakyReLU] + [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU] * (depth - 1)
-                     + [nn.Conv2d, nn.LeakyReLU, nn.Flatten, nn.Linear])
+                     + [nn.Conv2d, nn.LeakyReLU, nn.Flatten, nn.Linear, nn.Flatten])
     start, top = 32 // 2 ** depth, 8 * 2 ** (depth - 1)
     shapes = csi5340_table(G, D, 100, 32)
     # G doubles the resolution and halves the width after a first start x start map
@@ -150,14 +152,13 @@ def test_without_depth_the_dcgan_tables_stay_and_depth_3_keeps_their_generator()
     assert {k: v.shape for k, v in deep["G"].state_dict().items()} == {k: v.shape for k, v in default["G"].state_dict().items()}
     big = dcgan.build_models(config(img_size=64, channels=3, depth=2, upsample="bilinear"))
     assert big["G"](torch.randn(2, 16)).shape == (2, 3, 64, 64) and big["D"](torch.randn(2, 3, 64, 64)).shape == (2,)
-    assert big["D"].net[-1].weight.std() < 0.03  # the linear layer starts from N(0, 0.02) too
+    assert big["D"][-2].weight.std() < 0.03  # the linear layer starts from N(0, 0.02) too
 
 
 @pytest.mark.parametrize("arch,depth", [("conv", None), ("conv", 2), ("mlp", None)])
 def test_leaky_slope_sets_every_discriminator_leaky_relu(arch, depth):
     for slope in (0.2, 0.1):
-        kw = {} if slope == 0.2 else {"leaky_slope": slope}  # a config without the key keeps 0.2
-        models = dcgan.build_models(config(arch=arch, depth=depth, img_size=32, **kw))
+        models = dcgan.build_models(config(arch=arch, depth=depth, img_size=32, leaky_slope=slope))
         slopes = [m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)]
         assert len(slopes) >= 2 and set(slopes) == {slope}
         assert not any(isinstance(m, nn.LeakyReLU) for m in models["G"].modules())
@@ -209,8 +210,10 @@ def test_translation_moves_pixels_and_cutout_zeroes_a_square():
 def test_augment_policy_parses_and_rejects():
     assert dcgan.augment_policy("none") == []
     assert dcgan.augment_policy("translation,cutout") == ["translation", "cutout"]
-    with pytest.raises(ValueError, match="unknown flip"):
+    with pytest.raises(argparse.ArgumentTypeError, match="translation,flip"):
         dcgan.augment_policy("translation,flip")
+    with pytest.raises(SystemExit):
+        dcgan.get_args(["--augment", "flip"])
 
 
 def test_augmentation_changes_what_D_sees_never_the_samples(tiny_mnist, tmp_path, monkeypatch):
@@ -235,7 +238,7 @@ def test_augmentation_changes_what_D_sees_never_the_samples(tiny_mnist, tmp_path
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     G = dcgan.load_models(ckpt, "cpu")["G"]
     with torch.no_grad():
-        grid = G(ckpt["fixed_noise"])
+        grid = G(dcgan.fixed_randn(ckpt["config"]["seed"], 36, ckpt["config"]["nz"]))
     dcgan.save_image(grid.add(1).div(2), tmp_path / "expected.png", nrow=6, padding=2)
     from PIL import Image
     expected = np.asarray(Image.open(tmp_path / "expected.png"), dtype=int)
@@ -255,7 +258,7 @@ def test_no_augmentation_shows_D_the_drawn_batch(tiny_mnist, tmp_path, monkeypat
     assert torch.equal(seen[0], drawn[0])
 
 
-def test_ema_follows_the_weights_and_batchnorm_stats_are_recomputed():
+def test_ema_follows_the_weights():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     ema = dcgan.copy.deepcopy(net)
@@ -265,28 +268,66 @@ def test_ema_follows_the_weights_and_batchnorm_stats_are_recomputed():
     dcgan.update_ema(ema, net, 0.9)
     for e, p in zip(ema.parameters(), net.parameters()):
         assert torch.allclose(e, 0.9 * (p - 1.0) + 0.1 * p)
-    batches = [(torch.randn(8, 3),) for _ in range(5)]
-    dcgan.recompute_batchnorm_stats(ema, batches)
-    with torch.no_grad():
-        h = torch.cat([ema[0](x) for (x,) in batches])
-    bn = ema[1]
-    assert not bn.training and bn.momentum == 0.1  # restored
-    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-6)
-    assert torch.allclose(bn.running_var, torch.stack([ema[0](x).var(0) for (x,) in batches]).mean(0).detach(), atol=1e-5)
 
 
-def test_dtype_auto_resolves_by_device(monkeypatch):
-    cpu, mps = torch.device("cpu"), torch.device("mps")
+def test_saved_ema_batchnorm_stats_belong_to_the_averaged_weights(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    dcgan.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "5", "--dtype", "float32", *TINY])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    G = dcgan.build_models(ckpt["config"])["G"]
+    G.load_state_dict(ckpt["ema"]["G"])
+    saved = {k: v.clone() for k, v in G.state_dict().items() if "running" in k}
+    noise = dcgan.fixed_randn(ckpt["config"]["seed"] + 1, 10, 16, ckpt["config"]["nz"])
+    dcgan.update_bn(noise, G)  # the same statistics, replayed on the saved averaged weights
+    for key, value in saved.items():
+        assert torch.allclose(value, G.state_dict()[key], atol=1e-5), key
+        assert not torch.allclose(value, ckpt["models"]["G"][key], atol=1e-3), key  # not the trained G's statistics
+
+
+class FakeTrials:
+    def __init__(self, float32_ms, bfloat16_ms):
+        self.ms, self.calls = {"float32": float32_ms, "bfloat16": bfloat16_ms}, []
+
+    def __call__(self, step, device, dtype, repeats=3):
+        step()  # the real trial step runs: it must work on the copies
+        self.calls.append(dtype)
+        return self.ms[dtype]
+
+
+@pytest.mark.parametrize("float32_ms,bfloat16_ms,chosen", [(10.0, 20.0, "float32"), (20.0, 10.0, "bfloat16"),
+                                                           (10.0, 9.5, "float32")])  # within 10%: not worth it
+def test_dtype_auto_is_decided_by_timing_and_recorded(tiny_mnist, tmp_path, monkeypatch, float32_ms, bfloat16_ms, chosen):
+    trials = FakeTrials(float32_ms, bfloat16_ms)
     monkeypatch.setattr(dcgan, "cpu_computes_bfloat16", lambda: True)
-    assert dcgan.resolve_dtype("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(dcgan, "time_trial", trials)
+    out = tmp_path / "run"
+    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), *TINY]
+    dcgan.main(["--max_iters", "2", *common])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["precision"] == chosen and saved["dtype"] == "auto"
+    assert saved["dtype_trial_ms"] == {"float32": float32_ms, "bfloat16": bfloat16_ms}
+    assert sorted(trials.calls) == ["bfloat16", "float32"]
+    dcgan.main(["--max_iters", "3", "--resume", *common])  # a resumed run keeps its precision: no new trial
+    assert len(trials.calls) == 2 and json.loads((out / "config.json").read_text())["precision"] == chosen
+    dcgan.main(["--max_iters", "4", "--resume", "--dtype", "float32", *common])  # unless --dtype names one
+    assert json.loads((out / "config.json").read_text())["precision"] == "float32"
+
+
+def test_dtype_auto_without_a_trial(monkeypatch):
+    trials = FakeTrials(1.0, 1.0)
+    monkeypatch.setattr(dcgan, "time_trial", trials)
     monkeypatch.setattr(dcgan, "cpu_computes_bfloat16", lambda: False)
-    assert dcgan.resolve_dtype("auto", cpu) == "float32"
-    assert dcgan.resolve_dtype("auto", mps) == "float32"
-    assert dcgan.resolve_dtype("float32", cpu) == "float32" and dcgan.resolve_dtype("bfloat16", cpu) == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert dcgan.resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert dcgan.resolve_dtype("auto", torch.device("cuda")) == "float32"
+    for device, dtype, chosen in (("cpu", "auto", "float32"), ("mps", "auto", "float32"), ("cpu", "bfloat16", "bfloat16"),
+                                  ("cpu", "float32", "float32")):
+        config = {"dtype": dtype}
+        dcgan.choose_precision(config, torch.device(device), lambda: None)
+        assert config["precision"] == chosen
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        config = {"dtype": "auto"}
+        dcgan.choose_precision(config, torch.device("cuda"), lambda: None)
+        assert config["precision"] == ("bfloat16" if supported else "float32")
+    assert trials.calls == []
 
 
 def test_native_bfloat16_detection(monkeypatch):
@@ -295,6 +336,31 @@ def test_native_bfloat16_detection(monkeypatch):
     assert dcgan.cpu_computes_bfloat16() is False  # AVX-512 without BF16 (e.g. Skylake) emulates it: slower
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert dcgan.cpu_computes_bfloat16() is True
+
+
+def test_d_is_frozen_during_g_update(tiny_mnist, tmp_path, monkeypatch):
+    models, after_D, unchanged = {}, [], []
+    original_build, original_step = dcgan.build_models, torch.optim.Adam.step
+    monkeypatch.setattr(dcgan, "build_models", lambda config: models.update(original_build(config)) or models)
+
+    def recording_step(self, *args, **kwargs):
+        D_grads = [p.grad.clone() for p in models["D"].parameters()]
+        if self.param_groups[0]["params"][0] is next(models["G"].parameters()):  # right after G's backward
+            unchanged.append(all(torch.equal(a, b) for a, b in zip(after_D[-1], D_grads)))
+        else:
+            after_D.append(D_grads)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    dcgan.main(["--data_dir", str(tiny_mnist), "--out_dir", str(tmp_path / "run"), "--max_iters", "2", *TINY])
+    assert unchanged == [True, True]  # G's backward added nothing to D's gradients
+    assert all(p.requires_grad for p in models["D"].parameters())  # unfrozen again for D's own update
+
+
+def test_grid_before_the_first_log_row(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    run_script("dcgan.py", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--sample_interval", "2", *TINY)
+    assert (out / "samples" / "step_000002.png").exists() and (out / "curves.png").exists()
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -391,10 +457,10 @@ def test_ema_weights_are_saved_and_returned_by_load_models(tiny_mnist, tmp_path)
     G = dcgan.load_models(ckpt, "cpu")["G"]
     for key, value in G.state_dict().items():
         assert torch.equal(value, ckpt["ema"]["G"][key]), key
-    weight = "net.0.weight"
+    weight = "1.weight"
     assert not torch.equal(ckpt["ema"]["G"][weight], ckpt["models"]["G"][weight])
     run_script("dcgan.py", "--data_dir", tiny_mnist, "--out_dir", tmp_path / "off", "--max_iters", "2", "--ema_decay", "0", *TINY)
-    assert "ema" not in torch.load(tmp_path / "off" / "ckpt.pt", weights_only=True)
+    assert torch.load(tmp_path / "off" / "ckpt.pt", weights_only=True)["ema"] == {}
 
 
 def test_d_steps_and_g_steps_count_the_updates(tiny_mnist, tmp_path):
@@ -440,8 +506,8 @@ def test_csi5340_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, c
             assert f"{flag} cannot change in a resumed run" in capsys.readouterr().err
         dcgan.main(["--max_iters", "3", "--resume", *common])
         assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
-        for bad, message in ((["--arch", "mlp"], "--arch mlp"), (["--img_size", "28", "--depth", "3"], "multiple of 2^depth = 8"),
-                             (["--leaky_slope", "-0.1"], "--leaky_slope -0.1")):
+        for bad, message in ((["--arch", "mlp"], "--arch mlp"), (["--img_size", "28", "--depth", "3"], "multiple of 2^depth"),
+                             (["--leaky_slope", "-0.1"], "--leaky_slope: -0.1 is outside")):
             with pytest.raises(SystemExit):
                 dcgan.main(["--max_iters", "1", *common, "--out_dir", str(tmp_path / "bad"), *bad])
             assert message in capsys.readouterr().err
@@ -449,23 +515,34 @@ def test_csi5340_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, c
         torch.set_num_threads(threads)
 
 
-def test_non_finite_weights_never_reach_a_checkpoint(tiny_mnist, tmp_path, monkeypatch):
-    # the losses of step 3 are computed before its update; the update then makes G's weights NaN
+@pytest.mark.parametrize("poison", ["G weight", "D batch-norm buffer", "EMA weight", "EMA batch-norm statistics"])
+def test_non_finite_state_never_reaches_a_checkpoint(tiny_mnist, tmp_path, monkeypatch, poison):
+    # the losses of step 3 are computed before the poison: only what is about to be saved is non-finite
     out = tmp_path / "run"
     common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--ckpt_interval", "1", "--log_interval", "100", *TINY]
     dcgan.main(["--max_iters", "2", *common])
     good = (out / "ckpt.pt").read_bytes()
-    calls = []
-    original = dcgan.update_ema
+    models, original_build = {}, dcgan.build_models
+    monkeypatch.setattr(dcgan, "build_models", lambda config: models.update(original_build(config)) or models)
+    original_update, original_bn = dcgan.update_ema, dcgan.update_bn
 
     def poisoning_update(ema, G, decay):
-        calls.append(1)
-        if len(calls) == 1:
-            with torch.no_grad():
+        with torch.no_grad():
+            if poison == "G weight":
                 next(G.parameters()).fill_(float("nan"))
-        original(ema, G, decay)
+            if poison == "D batch-norm buffer":
+                next(m for m in models["D"].modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(float("inf"))
+            original_update(ema, G, decay)
+            if poison == "EMA weight":
+                next(ema.parameters()).fill_(float("nan"))
+
+    def poisoning_bn(batches, model):
+        original_bn(batches, model)
+        if poison == "EMA batch-norm statistics":
+            next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(float("inf"))
 
     monkeypatch.setattr(dcgan, "update_ema", poisoning_update)
+    monkeypatch.setattr(dcgan, "update_bn", poisoning_bn)
     with pytest.raises(SystemExit):
         dcgan.main(["--max_iters", "3", "--resume", *common])
     assert (out / "ckpt.pt").read_bytes() == good
@@ -515,15 +592,16 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     (tmp_path / "probe_alone.py").write_text(DDP_PROBE.format(repo=str(REPO), out=str(alone)))
     run_script(tmp_path / "probe_alone.py", "--out_dir", alone, *common)
     G_alone = torch.load(alone / "G_rank0.pt", weights_only=True)
-    assert not torch.equal(G_alone["net.0.weight"], G0["net.0.weight"])
+    assert not torch.equal(G_alone["1.weight"], G0["1.weight"])
 
 
 # --- checkpoints and bad input -------------------------------------------------------------
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    dcgan.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    config = {"out_dir": str(tmp_path), "x": 1}
+    net, data_gen = nn.Linear(2, 2), torch.Generator()
+    dcgan.save_checkpoint(config, 1, {"models": {"G": net}}, data_gen, {}, master=True)
 
     def torn_save(obj, f):
         with open(f, "wb") as fh:
@@ -532,8 +610,23 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(KeyboardInterrupt):
-        dcgan.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1
+        dcgan.save_checkpoint(config, 2, {"models": {"G": net}}, data_gen, {}, master=True)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_old_format_checkpoint_is_refused_in_one_line(tiny_mnist, tmp_path):
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, *TINY]
+    run_script("dcgan.py", "--max_iters", "2", *common)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["format"] = 1
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    proc = run_script("dcgan.py", "--max_iters", "3", "--resume", *common, check=False)
+    assert "not a format-2 dcgan checkpoint" in one_error_line(proc)
+    assert (out / "ckpt.pt").read_bytes() == before
+    with pytest.raises(ValueError, match="format-2"):
+        dcgan.load_models(ckpt, "cpu")
 
 
 def one_error_line(proc):

@@ -1,9 +1,9 @@
-"""The README's handout commands set each handout's values in full.
+"""The handout commands in docs/handouts.md set each handout's values in full.
 
-HANDOUT_RUNS below is the one table of what each assignment asks for. Every README command written under a
-comment that names an assignment must appear in it (by its --out_dir), and must parse to its values, so the
-commands cannot drift from the handouts. Where a handout gives epochs, --max_iters is that many epochs of
-the dataset the command prepares.
+HANDOUT_RUNS below is the one table of what each assignment asks for. Every command in docs/handouts.md
+(or in the README) written under a comment that names an assignment must appear in it (by its --out_dir),
+and must parse to its values, so the commands cannot drift from the handouts. Where a handout gives
+epochs, --max_iters is that many epochs of the dataset the command prepares.
 """
 import re
 import shlex
@@ -89,10 +89,14 @@ HANDOUT_RUNS = {
 }
 
 
-def handout_commands():
-    """(assignment named by the comment above, script, argv) for each README command under such a comment."""
+HANDOUTS = REPO / "docs" / "handouts.md"  # where the assignment commands live
+README = REPO / "README.md"
+
+
+def handout_commands(path):
+    """(assignment named by the comment above, script, argv) for each command of `path` under such a comment."""
     commands, heading, in_code, after_comment = [], None, False, False
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("```"):
             in_code, heading = not in_code, None
             continue
@@ -114,24 +118,40 @@ def handout_commands():
     return commands
 
 
-COMMANDS = handout_commands()
+COMMANDS = handout_commands(HANDOUTS)
+README_COMMANDS = handout_commands(README)  # the README may show one, under an assignment's name, too
 
 
 def out_dir_of(script, argv):
     return __import__(script).get_args(argv).out_dir or f"out/{script}"
 
 
+def handout_value(script, argv, flag, value):
+    """What the script's parser makes of the handout's value of `flag` (a flag may convert its text, e.g.
+    --augment none into an empty policy): the value typed after the shown command, where argparse keeps the last."""
+    if isinstance(value, bool):  # store_true flags take no value
+        return value
+    return getattr(__import__(script).get_args([*argv, f"--{flag}", str(value)]), flag)
+
+
+def test_the_readme_points_to_the_handout_commands():
+    assert "docs/handouts.md" in README.read_text()
+
+
 def test_every_assignment_has_commands_and_every_command_is_in_the_table():
     assert {heading for heading, _, _ in COMMANDS} == set(ASSIGNMENTS)
-    unlisted = [f"python {s}.py {' '.join(a)}" for _, s, a in COMMANDS if out_dir_of(s, a) not in HANDOUT_RUNS]
-    assert not unlisted, f"README handout commands missing from HANDOUT_RUNS: {unlisted}"
+    unlisted = [f"python {s}.py {' '.join(a)}" for _, s, a in COMMANDS + README_COMMANDS if out_dir_of(s, a) not in HANDOUT_RUNS]
+    assert not unlisted, f"handout commands missing from HANDOUT_RUNS: {unlisted}"
 
 
 @pytest.mark.parametrize("out_dir", sorted(HANDOUT_RUNS))
 def test_handout_command_sets_the_handout_values(out_dir):
     script, expected = HANDOUT_RUNS[out_dir]
     shown = [argv for _, s, argv in COMMANDS if s == script and out_dir_of(s, argv) == out_dir]
-    assert len(shown) == 1, f"{out_dir}: {len(shown)} README commands under an assignment's comment"
-    args = __import__(script).get_args(shown[0])
-    wrong = {flag: (getattr(args, flag), value) for flag, value in expected.items() if getattr(args, flag) != value}
-    assert not wrong, f"python {script}.py {' '.join(shown[0])}: (flag: shown, handout) {wrong}"
+    assert len(shown) == 1, f"{out_dir}: {len(shown)} commands in docs/handouts.md under an assignment's comment"
+    also = [argv for _, s, argv in README_COMMANDS if s == script and out_dir_of(s, argv) == out_dir]
+    for argv in shown + also:
+        args = __import__(script).get_args(argv)
+        wrong = {flag: (getattr(args, flag), value) for flag, value in expected.items()
+                 if getattr(args, flag) != handout_value(script, argv, flag, value)}
+        assert not wrong, f"python {script}.py {' '.join(argv)}: (flag: shown, handout) {wrong}"
