@@ -34,11 +34,48 @@ CASES = [
     ("dcgan 32px b128", "dcgan.py", ["--img_size", "32", "--batch_size", "128"]),
     ("dcgan 64px b64", "dcgan.py", ["--img_size", "64", "--batch_size", "64", "--ngf", "64", "--ndf", "64"]),
     ("wgan-gp 32px b32", "wgan.py", ["--batch_size", "32"]),
+    ("cgan 32px b64", "cgan.py", ["--batch_size", "64"]),
     ("srgan 64px b16", "srgan.py", ["--batch_size", "16"]),
 ]
 # the flags that make a script do the plain loop's work: its training aids off
 SAME_WORK = {"dcgan.py": ["--augment", "none", "--ema_decay", "0"], "wgan.py": ["--augment", "none", "--ema_decay", "0"],
-             "srgan.py": ["--ema_decay", "0"]}
+             "cgan.py": ["--augment", "none", "--ema_decay", "0"], "srgan.py": ["--ema_decay", "0"]}
+
+
+def machine():
+    """The machine that made a table: the GPU, or the CPU model with its bfloat16 and AMX flags."""
+    import torch
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"CPU {model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'no avx512/amx'}, torch {torch.__version__}"
+
+
+def matmul_peak(dtype_name, repeats=5):
+    """GFLOP/s of a large square matmul in dtype: the machine's attainable peak for that precision."""
+    import torch
+    device, dtype = "cuda" if torch.cuda.is_available() else "cpu", getattr(torch, dtype_name)
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 # -----------------------------------------------------------------------------
@@ -55,12 +92,16 @@ def load_script(script, config):
 
 
 def timed(step, steps, warmup):
+    """(ms per step, FLOPs of one step as torch.utils.flop_counter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    return 1000 * (time.perf_counter() - t0) / steps
+    return 1000 * (time.perf_counter() - t0) / steps, counter.get_total_flops()
 
 
 def plain_dcgan(config, steps, warmup):
@@ -146,7 +187,39 @@ def plain_srgan(config, steps, warmup):
     return timed(step, steps, warmup)
 
 
-PLAIN_LOOPS = {"dcgan.py": plain_dcgan, "wgan.py": plain_wgan_gp, "srgan.py": plain_srgan}
+def plain_cgan(config, steps, warmup):
+    """ACGAN as usually written (Odena et al.): D's source and class losses on real and fresh fakes, then G's."""
+    import torch
+    import torch.nn.functional as F
+    _, images, models = load_script("cgan.py", config)
+    labels = torch.from_numpy(__import__("numpy").load(os.path.join(REPO, config["data_dir"], config["dataset"],
+                                                                    "train_labels.npy"))).long()
+    G, D = models["G"], models["D"]
+    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
+    batch, nz, classes = config["batch_size"], config["nz"], config["n_classes"]
+
+    def step():
+        idx = torch.randint(0, len(images), (batch,))
+        real, real_y, fake_y = images[idx].float().div(127.5).sub(1), labels[idx], torch.randint(0, classes, (batch,))
+        fake = G(torch.randn(batch, nz), fake_y)
+        (source_r, class_r), (source_f, class_f) = D(real), D(fake.detach())
+        loss_D = (F.softplus(-source_r).mean() + F.softplus(source_f).mean() + F.cross_entropy(class_r, real_y)
+                  + F.cross_entropy(class_f, fake_y))
+        opt_D.zero_grad()
+        loss_D.backward()
+        opt_D.step()
+        fake_y = torch.randint(0, classes, (batch,))
+        source_f, class_f = D(G(torch.randn(batch, nz), fake_y))
+        loss_G = F.softplus(-source_f).mean() + F.cross_entropy(class_f, fake_y)
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+
+    return timed(step, steps, warmup)
+
+
+PLAIN_LOOPS = {"dcgan.py": plain_dcgan, "wgan.py": plain_wgan_gp, "cgan.py": plain_cgan, "srgan.py": plain_srgan}
 
 
 def time_plain(script, flags, steps):
@@ -155,7 +228,8 @@ def time_plain(script, flags, steps):
                          cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return {"ms_per_step": float(out.stdout.split()[-1])}
+    ms, flops = out.stdout.split()[-2:]
+    return {"ms_per_step": float(ms), "flops": float(flops)}
 
 
 def time_script(script, flags, steps, device, compile_):
@@ -172,8 +246,11 @@ def time_script(script, flags, steps, device, compile_):
                 return {"error": (stderr.read().strip().splitlines() or ["failed"])[-1]}
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             row = [json.loads(line) for line in f][-1]
+        with open(os.path.join(out_dir, "config.json")) as f:
+            precision = json.load(f)["precision"]
     peak = row.get("peak_mem_mb")
-    return {"ms_per_step": row["ms_per_step"], "peak": f"{peak:.0f}" if peak else f"{usage.ru_maxrss / 1024:.0f} RSS"}
+    return {"ms_per_step": row["ms_per_step"], "precision": precision,
+            "peak": f"{peak:.0f}" if peak else f"{usage.ru_maxrss / 1024:.0f} RSS"}
 
 
 def bench_speed(args):
@@ -183,28 +260,40 @@ def bench_speed(args):
                 ("script, same work, auto", ["SAME_WORK", "--dtype", "auto"]),
                 ("script, default, auto", ["--dtype", "auto"])]
     times = {(c[0], v[0]): [] for c in cases for v in variants}
-    peaks = {}
+    peaks, flops, precisions = {}, {}, {}
+    import torch
+    sys.path.insert(0, REPO)
+    native_bf16 = torch.cuda.is_available() or __import__("dcgan").cpu_computes_bfloat16()  # else emulated: no peak
+    peak_gflops = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16") if native_bf16 else float("nan")}
     for _ in range(args.rounds):
         for name, script, flags in cases:
             for label, extra in variants:
                 if extra is None:
                     r = time_plain(script, flags, args.steps)
+                    flops[name] = r.get("flops", float("nan"))
                 else:
                     extra = [f for flag in extra for f in (SAME_WORK[script] if flag == "SAME_WORK" else [flag])]
                     r = time_script(script, flags + extra, args.steps, args.device, args.compile)
                     peaks[(name, label)] = r.get("peak", "-")
+                    precisions[(name, label)] = r.get("precision", "float32")
                 if "error" in r:
                     print(f"{name} / {label}: error: {r['error']}", file=sys.stderr)
                     continue
                 times[(name, label)].append(r["ms_per_step"])
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, {args.rounds} rounds "
-          f"of {args.steps} timed steps, median ms/step")
-    print(f"{'case':18s} {'variant':26s} {'ms/step':>9s} {'vs plain':>9s} {'peak MB':>10s}")
+    print(f"# {time.strftime('%Y-%m-%d')}, {machine()}; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"# {args.rounds} rounds of {args.steps} timed steps, median ms/step; a large matmul reaches "
+          f"{peak_gflops['float32']:.0f} GFLOP/s in float32, {peak_gflops['bfloat16']:.0f} in bfloat16 (the peaks below)")
+    print(f"{'case':18s} {'variant':26s} {'ms/step':>9s} {'vs plain':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} "
+          f"{'of peak':>8s} {'precision':>9s} {'peak MB':>10s}")
     for name, _, _ in cases:
         plain = statistics.median(times[(name, variants[0][0])] or [float("nan")])
         for label, _ in variants:
             ms = statistics.median(times[(name, label)] or [float("nan")])
-            print(f"{name:18s} {label:26s} {ms:9.1f} {plain / ms:8.2f}x {peaks.get((name, label), '-'):>10s}", flush=True)
+            rate = flops.get(name, float("nan")) / ms / 1e6  # the plain loop's FLOPs: the same work
+            peak = peak_gflops[precisions.get((name, label), "float32")]  # the peak of the precision the run used
+            print(f"{name:18s} {label:26s} {ms:9.1f} {plain / ms:8.2f}x {flops.get(name, float('nan')) / 1e9:10.2f} "
+                  f"{rate:8.1f} {rate / peak:7.0%} {precisions.get((name, label), 'float32'):>9s} "
+                  f"{peaks.get((name, label), '-'):>10s}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +348,7 @@ def bench_fid(args):
                     with open(report) as f:
                         fids[name] = json.load(f)["metrics"]["fid"]
     reference = statistics.median(walls["python -m pytorch_fid A B"])
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, {args.fid_n:,} + {args.fid_n:,} "
+    print(f"# {time.strftime('%Y-%m-%d')}, {machine()}, {args.fid_n:,} + {args.fid_n:,} "
           f"28x28 PNGs, median wall time of {args.rounds} rounds (load average at the end: {os.getloadavg()[0]:.1f})")
     for name in commands:
         wall = statistics.median(walls[name])
@@ -310,7 +399,7 @@ def bench_quality(args):
             metrics = json.load(f)["metrics"]
         results.append((name, " ".join(command), minutes, metrics))
         print(f"{name}: {minutes:.1f} min, " + ", ".join(f"{k} {shown(v)}" for k, v in metrics.items()), flush=True)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores; "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}; "
           f"each default run, then `evaluate.py --ckpt <run>/ckpt.pt --n 1000` against the test split\n")
     print("| run | command | training wall time | metrics |")
     print("|---|---|---|---|")
@@ -337,7 +426,8 @@ def main():
     if args.plain:
         sys.path.insert(0, REPO)
         config = vars(__import__(args.plain[:-3]).get_args(args.flags))  # the script's defaults and the case's flags
-        print(f"{PLAIN_LOOPS[args.plain](config, args.steps, warmup=args.steps):.3f}")
+        ms, flops = PLAIN_LOOPS[args.plain](config, args.steps, warmup=args.steps)
+        print(f"{ms:.3f} {flops}")
     elif args.quality:
         bench_quality(args)
     elif args.fid:

@@ -12,6 +12,7 @@ Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, log.jso
 """
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -242,29 +243,29 @@ def update_ema(ema_model, model, decay):
 def get_args(argv=None, defaults=None):
     p = argparse.ArgumentParser(description="Train a DCGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--img_size", type=number(int, 1), default=32,
+    p.add_argument("--img_size", type=number(int, 1, 1024), default=32,
                    help="32 or 64 (4 or 5 layers); with --depth a multiple of 2^depth; any size for --arch mlp")
     p.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="conv DCGAN or fully connected baseline")
     p.add_argument("--depth", type=int, choices=range(1, 6), metavar="{1,...,5}",
                    help="G of depth (transposed conv, BN, ReLU) blocks and the DepthDiscriminator; unset: DCGAN tables")
-    p.add_argument("--nz", type=number(int, 1), default=100, help="latent size")
-    p.add_argument("--ngf", type=number(int, 1), default=32, help="generator width: channels before the output layer")
-    p.add_argument("--ndf", type=number(int, 1), default=32, help="discriminator width of its first layer")
-    p.add_argument("--leaky_slope", type=number(float, 0, 1), default=0.2, help="negative slope of D's LeakyReLUs")
+    p.add_argument("--nz", type=number(int, 1, 4096), default=100, help="latent size")
+    p.add_argument("--ngf", type=number(int, 1, 4096), default=32, help="G's width before its output layer")
+    p.add_argument("--ndf", type=number(int, 1, 4096), default=32, help="discriminator width of its first layer")
+    p.add_argument("--leaky_slope", type=FRACTION, default=0.2, help="negative slope of D's LeakyReLUs")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
                    help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
     p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan", "sigmoid_mse"],
                    help="non-saturating (log-D trick), minimax (Goodfellow et al. 2014), least squares on D's score "
                         "(Mao et al. 2017), or least squares on D's sigmoid output with D's loss halved")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-4, help="Adam learning rate")
-    p.add_argument("--beta1", type=number(float, 0, 1), default=0.5, help="Adam beta1")
-    p.add_argument("--beta2", type=number(float, 0, 1), default=0.999, help="Adam beta2")
-    p.add_argument("--d_steps", type=number(int, 1), default=1, help="D updates per iteration")
-    p.add_argument("--g_steps", type=number(int, 1), default=1, help="G updates per iteration")
+    p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
+    p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
+    p.add_argument("--d_steps", type=number(int, 1, 100), default=1, help="D updates per iteration")
+    p.add_argument("--g_steps", type=number(int, 1, 100), default=1, help="G updates per iteration")
     p.add_argument("--augment", type=augment_policy, default="translation,cutout",
                    help="differentiable augmentation of what D sees (Zhao et al. 2020): none, or a comma list of "
                         "color, translation, cutout")
-    p.add_argument("--ema_decay", type=number(float, 0, 1), default=0.999, help="G's weight average; 0: off")
+    p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=10000)
     if args.depth and args.arch == "mlp":
         fail(f"--depth {args.depth} sets the depth of the conv networks; --arch mlp has its own fixed layers")
@@ -360,13 +361,17 @@ INTERVALS = ("log_interval", "sample_interval", "ckpt_interval")
 RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
              "out_dir", "resume", "eval_images"}  # what a resumed run may change; the rest is the checkpoint's
 
-def number(cast, low, high=math.inf, low_open=False):
-    """An argparse type: cast(text) in [low, high), or in (low, high) with low_open."""
+def number(cast, low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
-        if not (low < cast(text) if low_open else low <= cast(text)) or not cast(text) < high:
-            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high})")
-        return cast(text)
+        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        return value
     return parse
+
+FRACTION = number(float, 0, 1, high_open=True)  # [0, 1)
 
 def parse_run_flags(p, argv, defaults, batch_size, max_iters):
     """Add the flags every script has and parse; a resumed run passes its checkpoint's config as the defaults."""
@@ -374,7 +379,7 @@ def parse_run_flags(p, argv, defaults, batch_size, max_iters):
     p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
     p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
     p.add_argument("--out_dir", default=f"out/{SCRIPT}", help="checkpoint, samples, logs and curves go here")
-    p.add_argument("--batch_size", type=number(int, 1), default=batch_size, help="images per step, over all processes")
+    p.add_argument("--batch_size", type=number(int, 1, 65536), default=batch_size, help="images per step")
     p.add_argument("--max_iters", type=number(int, 1), default=max_iters, help="training iterations")
     p.add_argument("--log_interval", type=number(int, 1), default=100, help="iterations between log.jsonl rows")
     p.add_argument("--sample_interval", type=number(int, 1), default=1000, help="iterations between grids")
@@ -516,7 +521,10 @@ def save_checkpoint(config, step, state, data_gen, window, master):
     path = os.path.join(config["out_dir"], "ckpt.pt")
     try:
         if master:
-            torch.save(ckpt, path + ".tmp")
+            buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly
+            torch.save(ckpt, buffer)
+            with open(path + ".tmp", "wb") as f:
+                f.write(buffer.getbuffer())
             os.replace(path + ".tmp", path)
     except OSError as e:
         if os.path.exists(path + ".tmp"):

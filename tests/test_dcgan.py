@@ -558,41 +558,76 @@ def test_compile_trains_a_step(tiny_mnist, tmp_path):
 
 
 DDP_PROBE = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {repo!r})
 import dcgan
-built = []
-original = dcgan.build_models
-dcgan.build_models = lambda config: built.append(original(config)) or built[-1]
+states, rank = [], int(os.environ.get("RANK", 0))
+original_restore = dcgan.restore
+dcgan.restore = lambda ckpt, config, state, *a: states.append(state) or original_restore(ckpt, config, state, *a)
+if rank == {poisoned_rank}:  # this rank alone sees a non-finite weight after the first step
+    original_update = dcgan.update_ema
+    def poisoning_update(ema, G, decay):
+        original_update(ema, G, decay)
+        with torch.no_grad():
+            next(G.parameters()).fill_(float("nan"))
+    dcgan.update_ema = poisoning_update
 dcgan.main(sys.argv[1:])
-rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(__import__("os").environ.get("RANK", 0))
-torch.save(built[0]["G"].state_dict(), {out!r} + f"/G_rank{{rank}}.pt")
+torch.save({{group: {{name: obj.state_dict() for name, obj in objects.items()}} for group, objects in states[0].items()}},
+           {out!r} + f"/state_rank{{rank}}.pt")
 """
 
 
-def test_torchrun_two_processes(tiny_mnist, tmp_path):
-    # the real training loop under DDP: both ranks end with the same weights, unlike one process alone
-    probe = tmp_path / "probe.py"
-    common = ["--data_dir", str(tiny_mnist), "--max_iters", "3", "--log_interval", "1", "--dtype", "float32", *TINY]
-    out = tmp_path / "ddp"
+def run_probe(tmp_path, name, common, nproc, poisoned_rank=-1, port=29517):
+    out = tmp_path / name
     out.mkdir()
-    probe.write_text(DDP_PROBE.format(repo=str(REPO), out=str(out)))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                           str(probe), "--out_dir", str(out), *common],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    probe = tmp_path / f"{name}.py"
+    probe.write_text(DDP_PROBE.format(repo=str(REPO), out=str(out), poisoned_rank=poisoned_rank))
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    proc = subprocess.run([*launch, str(probe), "--out_dir", str(out), *common], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    return out, proc
+
+
+def flat_state(state):
+    """name -> tensor for every weight, buffer and optimizer-state tensor, except batch-norm statistics (per rank)."""
+    flat = {}
+    for group, objects in state.items():
+        for name, sd in objects.items():
+            items = sd.items() if group != "optimizers" else ((f"{i}.{k}", v) for i, s in sd["state"].items()
+                                                               for k, v in s.items())
+            flat.update({f"{group}.{name}.{k}": v for k, v in items if "running" not in k and "num_batches" not in k})
+    return flat
+
+
+def test_torchrun_two_processes(tiny_mnist, tmp_path):
+    # the real training loop under DDP: both ranks end with the same networks and optimizer states, unlike one
+    # process with the same global batch (the ranks draw different halves of it)
+    common = ["--data_dir", str(tiny_mnist), "--max_iters", "3", "--log_interval", "1", "--dtype", "float32",
+              "--ema_decay", "0", *TINY]
+    out, proc = run_probe(tmp_path, "ddp", common, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert not any(k.startswith("module.") for k in ckpt["models"]["G"])  # saved without the DDP wrapper
     assert len(read_log(out)) == 3  # only rank 0 writes
-    G0, G1 = (torch.load(out / f"G_rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(G0[k], G1[k]) for k in G0 if "running" not in k and "num_batches" not in k)
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    (tmp_path / "probe_alone.py").write_text(DDP_PROBE.format(repo=str(REPO), out=str(alone)))
-    run_script(tmp_path / "probe_alone.py", "--out_dir", alone, *common)
-    G_alone = torch.load(alone / "G_rank0.pt", weights_only=True)
-    assert not torch.equal(G_alone["1.weight"], G0["1.weight"])
+    rank0, rank1 = (flat_state(torch.load(out / f"state_rank{r}.pt", weights_only=True)) for r in (0, 1))
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in rank0} == {"models.G", "models.D", "optimizers.G", "optimizers.D"}
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    alone, proc = run_probe(tmp_path, "alone", common, 1, port=29518)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = flat_state(torch.load(alone / "state_rank0.pt", weights_only=True))
+    for network in ("models.G", "models.D"):
+        assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
+
+
+def test_torchrun_one_rank_non_finite_stops_both(tiny_mnist, tmp_path):
+    common = ["--data_dir", str(tiny_mnist), "--max_iters", "5", "--ckpt_interval", "2", "--log_interval", "100",
+              "--dtype", "float32", *TINY]
+    out, proc = run_probe(tmp_path, "poisoned", common, 2, poisoned_rank=1, port=29519)  # a hang would time out
+    assert proc.returncode != 0
+    assert proc.stderr.count("dcgan.py: error: non-finite loss or weights by step 2") == 2, proc.stderr[-3000:]
+    assert 'dcgan.py", line' not in proc.stderr  # no traceback from the script (torchrun reports the exit codes itself)
+    assert not (out / "ckpt.pt").exists()
 
 
 # --- checkpoints and bad input -------------------------------------------------------------
@@ -603,12 +638,16 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     net, data_gen = nn.Linear(2, 2), torch.Generator()
     dcgan.save_checkpoint(config, 1, {"models": {"G": net}}, data_gen, {}, master=True)
 
-    def torn_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
-        raise KeyboardInterrupt  # killed mid-write
+    original_open = open
 
-    monkeypatch.setattr(torch, "save", torn_save)
+    def torn_open(path, mode="r", *args, **kwargs):
+        f = original_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith(".tmp"):
+            f.write(b"PK\x03\x04 half a file")
+            raise KeyboardInterrupt  # killed mid-write
+        return f
+
+    monkeypatch.setattr("builtins.open", torn_open)
     with pytest.raises(KeyboardInterrupt):
         dcgan.save_checkpoint(config, 2, {"models": {"G": net}}, data_gen, {}, master=True)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
@@ -634,6 +673,43 @@ def one_error_line(proc):
     assert proc.returncode != 0
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+@pytest.mark.parametrize("fault", ["truncated images", "labels of another length", "data_dir is a file"])
+def test_faults_in_the_data_give_one_line(tiny_mnist, tmp_path, fault):
+    data_dir, named = tiny_mnist, tiny_mnist / "mnist5k" / "train.npy"
+    if fault == "truncated images":
+        named.write_bytes(named.read_bytes()[:5000])
+    elif fault == "labels of another length":
+        named = tiny_mnist / "mnist5k" / "train_labels.npy"
+        np.save(named, np.load(named)[:-1])
+    else:
+        data_dir = named = tmp_path / "a_file"
+        named.write_text("not a folder")
+    proc = run_script("dcgan.py", "--data_dir", data_dir, "--out_dir", tmp_path / "o", *TINY, check=False)
+    line = one_error_line(proc)
+    assert str(named) in line and "prepare.py" in line, line
+
+
+def test_a_disk_that_fills_up_during_a_save(tiny_mnist, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    common = ["--data_dir", tiny_mnist, "--out_dir", disk, "--ckpt_interval", "1", "--sample_interval", "1000", *TINY]
+    run_script("dcgan.py", "--max_iters", "1", *common)  # how large a checkpoint is
+    size = (disk / "ckpt.pt").stat().st_size
+    shutil.rmtree(disk)
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 4096 * 4096 + 65536}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        proc = run_script("dcgan.py", "--max_iters", "3", *common, check=False)  # the second save cannot fit beside the first
+        assert "cannot save" in one_error_line(proc) and "previous checkpoint is kept" in proc.stderr
+        assert sorted(p.name for p in disk.iterdir() if p.suffix == ".tmp") == []
+        assert torch.load(disk / "ckpt.pt", weights_only=True)["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_missing_dataset_names_prepare_command(tmp_path):
@@ -673,3 +749,43 @@ def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
     shutil.copytree(tiny_mnist, alone / "data")
     run_script("dcgan.py", "--max_iters", "2", *TINY, cwd=alone)
     assert (alone / "out" / "dcgan" / "ckpt.pt").exists()
+
+
+def numeric_flags(module):
+    """(flag, 'int' or 'float') for every flag of the script's parser whose value is a number."""
+    parsers, original = [], module.parse_run_flags
+    module.parse_run_flags = lambda p, *a, **k: parsers.append(p) or original(p, *a, **k)
+    try:
+        module.get_args([])
+    finally:
+        module.parse_run_flags = original
+    flags = []
+    for action in parsers[0]._actions:
+        if action.type is None or not action.option_strings or action.type is module.augment_policy:
+            continue
+        try:
+            action.type("1.5")
+            flags.append((action.option_strings[0], "float"))
+        except Exception:  # int() refuses 1.5 (argparse.ArgumentTypeError or ValueError)
+            flags.append((action.option_strings[0], "int"))
+    return flags
+
+
+def test_every_numeric_flag_at_zero_negative_and_huge_runs_or_gives_one_line(tiny_mnist, tmp_path, capsys):
+    flags = numeric_flags(dcgan)
+    assert {"--nz", "--lr", "--max_iters", "--ema_decay", "--batch_size", "--seed"} <= {f for f, _ in flags}
+    base = ["--data_dir", str(tiny_mnist), "--max_iters", "2", "--sample_interval", "1", *TINY]
+    for flag, kind in flags:
+        for value in ("0", "-1", "1000000000" if kind == "int" else "1e9"):
+            if flag == "--max_iters" and value == "1000000000":  # a valid, very long run: no error within seconds
+                proc = subprocess.Popen([sys.executable, "dcgan.py", *base, flag, value, "--out_dir", str(tmp_path / "long")],
+                                        cwd=REPO, stderr=subprocess.PIPE, text=True)
+                time.sleep(15)
+                proc.kill()
+                assert "Traceback" not in proc.communicate()[1]
+                continue
+            try:
+                dcgan.main([*base, "--out_dir", str(tmp_path / f"{flag[2:]}{value}"), flag, value])
+            except SystemExit as e:
+                err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+                assert e.code != 0 and len(err) == 1 and err[0].startswith("dcgan.py: error:"), (flag, value, err)
