@@ -94,14 +94,18 @@ def load_script(script, config):
 def timed(step, steps, warmup):
     """(ms per step, FLOPs of one step as torch.utils.flop_counter counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        step()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    except RuntimeError:  # its module tracker breaks torch.autograd.grad (the gradient penalty): not counted
+        flops = float("nan")
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    return 1000 * (time.perf_counter() - t0) / steps, counter.get_total_flops()
+    return 1000 * (time.perf_counter() - t0) / steps, flops
 
 
 def plain_dcgan(config, steps, warmup):

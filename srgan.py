@@ -1,225 +1,153 @@
 """SRGAN: 16x16 -> 64x64 super-resolution with a U-Net generator and a GAN loss, in one file.
 
-The conditional image synthesis task of CIS 680 (2019) assignment 4. A 64x64
-image is downsampled to 16x16 and upsampled back to 64x64 bilinearly, which keeps
-the size and loses the detail; an encoder-decoder generator with skip connections
-at every resolution (a U-Net: Ronneberger, Fischer, Brox, MICCAI 2015; used as a
-conditional GAN generator by Isola et al., "Image-to-Image Translation with
-Conditional Adversarial Networks", CVPR 2017) restores it. G is trained with a
-pixel reconstruction loss plus a GAN loss (Goodfellow et al., NeurIPS 2014), the
-recipe of Ledig et al., "Photo-Realistic Single Image Super-Resolution Using a
-Generative Adversarial Network", CVPR 2017. Other GAN losses: least squares
-(Mao et al., ICCV 2017), WGAN-GP (Gulrajani et al., NeurIPS 2017), hinge and
-spectral normalisation (Miyato et al., ICLR 2018). The sample grids and the
-checkpoint's evaluation use an exponential moving average of G's weights.
+A 64x64 image is downsampled to 16x16 and upsampled back bilinearly; a U-Net (Ronneberger et al., MICCAI 2015, as the
+pix2pix generator of Isola et al., CVPR 2017) restores the detail, trained with a pixel loss plus a GAN loss as in Ledig
+et al., "Photo-Realistic Single Image Super-Resolution Using a Generative Adversarial Network", CVPR 2017. GAN losses:
+BCE, least squares, hinge, WGAN-GP; --sn: spectral norm. Notes: docs/srgan.md; course configurations: docs/handouts.md.
 
     python srgan.py                                   # embedded MNIST sample, upscaled to 64x64
-    python srgan.py --dataset celeba --max_iters 62500 --sample_interval 12500 --ema_decay 0   # the assignment: 100 epochs of 20k
     python srgan.py --gan_loss wgan-gp --recon mse
     torchrun --nproc_per_node=2 srgan.py              # DistributedDataParallel
 
-Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
-progress_strip.png, triplets.png, log.jsonl, curves.png and config.json.
+Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, progress_strip.png, triplets.png, log.jsonl,
+curves.png, config.json.
 """
 import argparse
 import copy
+import io
 import json
+import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
+from torch.optim.swa_utils import update_bn
+from torchvision.utils import save_image
 
 SCRIPT = "srgan"
-CHECKPOINT_FORMAT = 1
-IMG_SIZE = 64  # the U-Net and the discriminator of the assignment are built for 64x64
-
+CHECKPOINT_FORMAT = 2
 
 # -----------------------------------------------------------------------------
 # Data: data/<dataset>/{train,test}.npy, uint8 N x H x W x C, held on the device
-
-
 def load_images(data_dir, dataset, split, img_size):
-    """The prepared arrays of a dataset as uint8 N x C x H x W, resized once to img_size."""
-    folder = os.path.join(data_dir, dataset)
-    path = os.path.join(folder, f"{split}.npy")
-    prepare = os.path.join(data_dir, dataset.split("/")[0], "prepare.py")  # data/folder/<name> is made by data/folder/prepare.py
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: python {prepare}")
-    try:
-        images = np.load(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); remake it with: python {prepare}") from None
+    """data/<dataset>/<split>.npy as uint8 N x C x H x W at img_size, and <split>_labels.npy (None where absent)."""
+    prepare = f"python {os.path.join(data_dir, dataset.split('/')[0], 'prepare.py')}"  # data/folder/<name>: folder's
+    path, labels_path = (os.path.join(data_dir, dataset, f"{split}{suffix}.npy") for suffix in ("", "_labels"))
+    if not os.path.isdir(data_dir) or not os.path.exists(path):
+        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: {prepare}")
+    arrays = []
+    for file in (path, labels_path)[:1 + os.path.exists(labels_path)]:
+        try:
+            arrays.append(np.load(file))
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"cannot read {file} ({e}); remake it with: {prepare}") from None
+    images, labels = arrays[0], arrays[1] if len(arrays) > 1 else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path} should hold uint8 N x H x W x C with C = 1 or 3, not {images.dtype} {images.shape}")
+        raise ValueError(f"{path} should hold uint8 N x H x W x C, C = 1 or 3, not {images.dtype} {images.shape}; "
+                         f"remake it with: {prepare}")
+    if labels is not None and labels.shape[:1] != images.shape[:1]:
+        raise ValueError(f"{labels_path} has {len(labels)} labels for {len(images)} images; remake it with: {prepare}")
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    if images.shape[-1] != img_size or images.shape[-2] != img_size:
+    if images.shape[-2:] != (img_size, img_size):
         images = resize_uint8(images, img_size)
-    labels_path = os.path.join(folder, f"{split}_labels.npy")
-    labels = torch.from_numpy(np.load(labels_path)).long() if os.path.exists(labels_path) else None
-    return images, labels
-
+    return images, None if labels is None else torch.from_numpy(labels).long()
 
 def resize_uint8(images, size, chunk=1024):
     out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
     for i in range(0, len(images), chunk):
-        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True)
         out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
     return out
-
 
 def real_images(config, split):
     return load_images(config["data_dir"], config["dataset"], split, config["img_size"])
 
-
 def degrade(x, config):
     """The low-resolution input: x in [0, 1] (N x C x 64 x 64) -> low_size^2 -> bilinear back to 64x64, in [0, 1].
-
-    --down picks the downsampling filter: bilinear and bicubic are antialiased (a filter as wide as the
-    scale factor, as PIL's resize does), area averages each 4x4 block, nearest keeps every 4th pixel (aliased).
-    """
-    down = config.get("down", "bilinear")
-    size = config.get("low_size", 16)
-    if down in ("bilinear", "bicubic"):
-        low = F.interpolate(x, size=(size, size), mode=down, antialias=True, align_corners=False)
-    else:
-        low = F.interpolate(x, size=(size, size), mode=down)
-    return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
-
+    --down: bilinear and bicubic are antialiased (as PIL's resize), area averages blocks, nearest aliases."""
+    size, down = (config["low_size"],) * 2, config["down"]
+    aa = dict(antialias=True, align_corners=False) if down in ("bilinear", "bicubic") else {}
+    return F.interpolate(F.interpolate(x, size=size, mode=down, **aa), size=x.shape[-2:], mode="bilinear",
+                         align_corners=False).clamp(0, 1)
 
 # -----------------------------------------------------------------------------
 # Models
-
-
-def down_block(in_ch, out_ch, norm=True):
-    """4x4 stride-2 conv: halves the size (encoder and discriminator layers), [BN], LeakyReLU(0.2)."""
-    layers = [nn.Conv2d(in_ch, out_ch, 4, 2, 1, bias=not norm)]
-    if norm:
-        layers.append(nn.BatchNorm2d(out_ch))
-    layers.append(nn.LeakyReLU(0.2, True))
-    return nn.Sequential(*layers)
-
-
-def up_block(in_ch, out_ch):
-    """4x4 stride-2 padding-1 transposed conv: doubles the size, BN, LeakyReLU(0.2)."""
-    return nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=False), nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2, True))
-
+def block(in_ch, out_ch, up=False, norm=True):
+    """4x4 stride-2 conv halving the size (transposed: doubling it), [batch norm], LeakyReLU(0.2)."""
+    conv = (nn.ConvTranspose2d if up else nn.Conv2d)(in_ch, out_ch, 4, 2, 1, bias=not norm)
+    return nn.Sequential(conv, *([nn.BatchNorm2d(out_ch)] if norm else []), nn.LeakyReLU(0.2, True))
 
 class UNetGenerator(nn.Module):
-    """Low-resolution image (C x 64 x 64, [-1, 1]) -> restored image (C x 64 x 64, tanh).
-
-    The assignment's decoder table gives its transposed convs kernel 4, padding 0 and no
-    stride, which would grow 2 -> 5 -> 8 -> ... and never meet the encoder features; stride 2 and
-    padding 1 double the size at each layer, so that decoder layer k meets the encoder feature of its
-    resolution. With the handout's widths (--ngf 32) and skip = the encoder output concatenated on channels:
-
-        layer   op                   input                              output          k/s/p
-        enc1    conv, BN, LReLU      C x 64 x 64                        32 x 32 x 32    4/2/1
-        enc2    conv, BN, LReLU      32 x 32 x 32                       64 x 16 x 16    4/2/1
-        enc3    conv, BN, LReLU      64 x 16 x 16                       128 x 8 x 8     4/2/1
-        enc4    conv, BN, LReLU      128 x 8 x 8                        256 x 4 x 4     4/2/1
-        enc5    conv, BN, LReLU      256 x 4 x 4                        512 x 2 x 2     4/2/1
-        dec1    tconv, BN, LReLU     enc5: 512 x 2 x 2                  256 x 4 x 4     4/2/1
-        dec2    tconv, BN, LReLU     [dec1, enc4]: (256+256) x 4 x 4    128 x 8 x 8     4/2/1
-        dec3    tconv, BN, LReLU     [dec2, enc3]: (128+128) x 8 x 8    64 x 16 x 16    4/2/1
-        dec4    tconv, BN, LReLU     [dec3, enc2]: (64+64) x 16 x 16    32 x 32 x 32    4/2/1
-        dec5    tconv, BN, LReLU     [dec4, enc1]: (32+32) x 32 x 32    16 x 64 x 64    4/2/1
-        out     conv, tanh           [dec5, input]: (16+C) x 64 x 64    C x 64 x 64     3/1/1
-
-    The handout's last layer is a 3x3 padding-1 "transposed conv" with 3 outputs: at stride 1 that is
-    a plain 3x3 conv (with the kernel flipped), written here as one; it has C outputs (1 for MNIST).
-    Every width scales with --ngf (encoder ngf..16 ngf, decoder 8 ngf..ngf/2).
-    """
+    """Low-resolution image (C x 64 x 64, [-1, 1]) -> restored image (tanh). Five encoder layers take 64 -> 2 pixels
+    (ngf .. 16 ngf), five decoder layers take 2 -> 64 (8 ngf .. ngf/2), each after the first fed the previous output
+    beside the encoder feature of its size; a 3x3 conv over [last decoder output, input image] gives the image. The
+    layer table, and where it departs from the handout's: docs/srgan.md. --ngf 32, 64 -> 2:
+    C x 64 x 64 -> 32 x 32 x 32 -> ... -> 512 x 2 x 2 -> 256 x 4 x 4 -> ... -> 16 x 64 x 64 -> C x 64 x 64"""
 
     def __init__(self, channels, ngf=32):
         super().__init__()
-        enc = [ngf, ngf * 2, ngf * 4, ngf * 8, ngf * 16]
-        dec = [ngf * 8, ngf * 4, ngf * 2, ngf, ngf // 2]
-        self.encoder = nn.ModuleList([down_block(a, b) for a, b in zip([channels] + enc[:-1], enc)])
-        dec_in = [enc[4]] + [d + e for d, e in zip(dec[:-1], enc[3::-1])]  # previous decoder output + skip
-        self.decoder = nn.ModuleList([up_block(a, b) for a, b in zip(dec_in, dec)])
+        enc, dec = [ngf * 2 ** i for i in range(5)], [ngf * 8 // 2 ** i for i in range(5)]
+        self.encoder = nn.ModuleList(block(a, b) for a, b in zip([channels] + enc[:-1], enc))
+        dec_in = [enc[4]] + [d + e for d, e in zip(dec, enc[3::-1])]  # previous decoder output + skip
+        self.decoder = nn.ModuleList(block(a, b, up=True) for a, b in zip(dec_in, dec))
         self.out = nn.Sequential(nn.Conv2d(dec[-1] + channels, channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, x):
-        skips = []
-        h = x
+        skips = [x]
         for layer in self.encoder:
-            h = layer(h)
-            skips.append(h)
-        # skips: enc1 (32 x 32) ... enc5 (2 x 2)
-        h = self.decoder[0](skips[-1])
-        for layer, skip in zip(self.decoder[1:], reversed(skips[:-1])):
-            h = layer(torch.cat([h, skip], 1))
-        # (ngf/2) x 64 x 64, then the input image itself joins for the last layer
-        return self.out(torch.cat([h, x], 1))
+            skips.append(layer(skips[-1]))
+        h = self.decoder[0](skips.pop())  # (16 ngf) x 2 x 2 -> (8 ngf) x 4 x 4
+        for layer in self.decoder[1:]:
+            h = layer(torch.cat([h, skips.pop()], 1))
+        return self.out(torch.cat([h, skips.pop()], 1))  # [(ngf/2) x 64 x 64, the input image]
 
+class Discriminator(nn.Sequential):
+    """Image (C x 64 x 64) -> one logit: five 4x4 stride-2 convs take 64 -> 2 (ndf .. 16 ndf, [batch norm]), then a
+    3x3 stride-2 conv gives 1 x 1; the handout's sigmoid lives in the loss. No batch norm with --sn (SN-GAN has none)
+    or wgan-gp, whose per-sample gradient penalty batch norm would mix across the batch (Gulrajani et al. §4)."""
 
-class Discriminator(nn.Module):
-    """Image (C x 64 x 64) -> one logit: the assignment's six convs.
-
-        C x 64 x 64 -> 32 x 32 x 32 -> 64 x 16 x 16 -> 128 x 8 x 8 -> 256 x 4 x 4 -> 512 x 2 x 2   (4/2/1, [BN], LReLU)
-                    -> 1 x 1 x 1                                                                   (3/2/1)
-
-    The handout's sigmoid lives in the loss (BCE with logits). norm="none" drops the batch norms:
-    used with spectral norm (SN-GAN has none) and with WGAN-GP, whose per-sample gradient penalty
-    batch norm would mix across the batch (Gulrajani et al. §4).
-    """
-
-    def __init__(self, channels, ndf=32, norm="batch"):
-        super().__init__()
-        widths = [ndf, ndf * 2, ndf * 4, ndf * 8, ndf * 16]
-        layers = [down_block(a, b, norm == "batch") for a, b in zip([channels] + widths[:-1], widths)]
-        # (ndf*16) x 2 x 2
-        layers.append(nn.Conv2d(widths[-1], 1, 3, 2, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x).view(-1)
-
+    def __init__(self, channels, ndf=32, norm=True):
+        widths = [ndf * 2 ** i for i in range(5)]
+        super().__init__(*(block(a, b, norm=norm) for a, b in zip([channels] + widths[:-1], widths)),
+                         nn.Conv2d(widths[-1], 1, 3, 2, 1), nn.Flatten(0))
 
 def init_weights(module):
-    """N(0, 0.02) for conv weights, N(1, 0.02) for batch-norm scales (the DCGAN init, also pix2pix's)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. §4)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
-
 def build_models(config):
-    c = config["channels"]
-    d_norm = "none" if config["sn"] or config["gan_loss"] == "wgan-gp" else "batch"
-    G = UNetGenerator(c, config["ngf"])
-    D = Discriminator(c, config["ndf"], d_norm)
-    G.apply(init_weights)
-    D.apply(init_weights)
-    if config["sn"]:
-        for m in D.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.utils.parametrizations.spectral_norm(m)
+    c, sn = config["channels"], config["sn"]
+    G = UNetGenerator(c, config["ngf"]).apply(init_weights)
+    D = Discriminator(c, config["ndf"], norm=not (sn or config["gan_loss"] == "wgan-gp")).apply(init_weights)
+    for conv in [m for m in D.modules() if sn and isinstance(m, nn.Conv2d)]:
+        nn.utils.parametrizations.spectral_norm(conv)  # Miyato et al. 2018
     return {"G": G, "D": D}
 
+@torch.no_grad()
+def upscale(models, x_low):
+    """degrade(x) in [0, 1] -> G's 64x64 output in [0, 1]."""
+    return models["G"](x_low * 2 - 1).float().add(1).div(2).clamp(0, 1)
 
 # -----------------------------------------------------------------------------
-# Losses. D outputs logits (bce) or scores (lsgan, hinge, wgan-gp).
-
-
+# Losses. D outputs logits (bce) or scores (lsgan, hinge, wgan-gp); y is the low-resolution input.
 def discriminator_loss(kind, real, fake):
-    if kind == "lsgan":  # E[(D(x) - 1)^2] + E[D(G(y))^2]
+    if kind == "lsgan":  # Mao et al. 2017: E[(D(x) - 1)^2] + E[D(G(y))^2]
         return (real - 1).pow(2).mean() + fake.pow(2).mean()
     if kind == "hinge":  # E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(y)))]
         return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-    if kind == "wgan-gp":  # E[D(G(y))] - E[D(x)]; the gradient penalty is added by the caller
+    if kind == "wgan-gp":  # E[D(G(y))] - E[D(x)]; the caller adds the gradient penalty
         return fake.mean() - real.mean()
     return F.softplus(-real).mean() + F.softplus(fake).mean()  # bce: -E[log D(x)] - E[log(1 - D(G(y)))]
-
 
 def generator_adv_loss(kind, fake):
     if kind == "lsgan":
@@ -228,533 +156,458 @@ def generator_adv_loss(kind, fake):
         return -fake.mean()
     return F.softplus(-fake).mean()  # bce, non-saturating: -E[log D(G(y))]
 
-
-def gradient_penalty(D, real, fake):
-    """E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) G(y), one eps ~ U[0, 1] per sample."""
-    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
-    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    grad, = torch.autograd.grad(D(x_hat).float().sum(), x_hat, create_graph=True)
+def gradient_penalty(critic, real, fake, eps=None):
+    """E[(||grad critic(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) G(z) (Gulrajani et al. 2017, eq. 3), one
+    eps ~ U(0, 1) per sample, so that x_hat lies on the segment between a real and a generated image."""
+    if eps is None:
+        eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
+    grad, = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
 
-
 def reconstruction_loss(kind, output, target):
-    """Pixel loss between G's output and the ground truth, both in [-1, 1] (so 2x the L1, 4x the MSE of [0, 1] pixels)."""
+    """Pixel loss on [-1, 1] images (so 2x the L1, 4x the MSE of [0, 1] pixels)."""
     return F.mse_loss(output, target) if kind == "mse" else F.l1_loss(output, target)
-
 
 def discriminator_output(kind, scores):
     """What is logged as D(.): a probability for bce, the raw score for the other losses."""
     return torch.sigmoid(scores) if kind == "bce" else scores
 
-
 # -----------------------------------------------------------------------------
 # Training aids that leave the model as defined: averaging G's weights
-
-
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     """ema <- decay * ema + (1 - decay) * weights, for every parameter."""
     for averaged, current in zip(ema_model.parameters(), model.parameters()):
         averaged.lerp_(current, 1 - decay)
 
+# -----------------------------------------------------------------------------
+# What a run shows besides its losses: the test MSE rows and the progress strip
+def load_test_split(config, master):
+    """The test images, uint8 on the CPU; an empty split (prepare.py --test_size 0) gives no test MSE rows."""
+    try:
+        test, _ = real_images(config, "test")
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if len(test) and test.shape[1] != config["channels"]:
+        fail(f"'{config['dataset']}' has {config['channels']} channels in its train split, {test.shape[1]} in test")
+    if not len(test) and master:
+        print(f"{SCRIPT}.py: note: the test split of '{config['dataset']}' is empty: the sample grids show training "
+              f"images and no test MSE is logged", flush=True)
+    return test
 
 @torch.no_grad()
-def recompute_batchnorm_stats(model, batches):
-    """Averaged weights need batch-norm statistics of their own (those of the trained G do not fit
-    them): the plain average over `batches` (each a tuple of the model's inputs), in train mode."""
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average
-    model.train()
-    for inputs in batches:
-        model(*inputs)
-    model.eval()
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+def write_test_row(log_path, step, G, images, config):
+    """A log.jsonl row of the MSE in [0, 1] pixels over the test images (uint8) of G's output and of the bilinear
+    input (the baseline), each against the truth, in float32 as evaluate.py computes it."""
+    sums = torch.zeros(2, dtype=torch.float64, device=images.device)
+    for truth in images.split(250):
+        truth = truth.float().div(255)
+        low = degrade(truth, config)
+        sums += torch.stack([(x - truth).pow(2).flatten(1).mean(1).sum() for x in (upscale({"G": G}, low), low)])
+    row = {"step": step, **dict(zip(("test_mse", "baseline_mse"), (sums / len(images)).tolist()))}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"step {step}: test_mse {row['test_mse']:.4g} (bilinear input {row['baseline_mse']:.4g})", flush=True)
 
+def saved_grids(out_dir):
+    """[(step, path)] of the grids samples/step_*.png, in step order."""
+    names = [n for n in os.listdir(os.path.join(out_dir, "samples")) if n.startswith("step_") and n[5:-4].isdigit()]
+    return sorted((int(n[5:-4]), os.path.join(out_dir, "samples", n)) for n in names if n.endswith(".png"))
+
+def save_progress_strip(out_dir, size=64):
+    """One fixed test input through training, left to right: input | G's output at each sample step | truth, cut
+    from the saved grids (make_grid's layout, padding 2: the input's triplet is their first three cells), so that a
+    resumed run's strip also shows the steps before the resume."""
+    from PIL import Image, ImageDraw  # pillow comes with torchvision
+
+    def cell(path, k):
+        with Image.open(path) as grid:
+            return grid.convert("RGB").crop((2 + k * (size + 2), 2, 2 + k * (size + 2) + size, 2 + size))
+    steps, paths = zip(*saved_grids(out_dir))
+    cells = [cell(paths[-1], 0), *(cell(path, 1) for path in paths), cell(paths[-1], 2)]
+    canvas = Image.new("RGB", (2 + len(cells) * (size + 2), size + 18), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, label) in enumerate(zip(cells, ["input", *steps, "truth"])):
+        canvas.paste(image, (2 + i * (size + 2), 16))
+        draw.text((4 + i * (size + 2), 1), str(label), fill="black")
+    canvas.save(os.path.join(out_dir, "progress_strip.tmp.png"))
+    os.replace(os.path.join(out_dir, "progress_strip.tmp.png"), os.path.join(out_dir, "progress_strip.png"))
 
 # -----------------------------------------------------------------------------
-# The interface evaluate.py and interpolate.py use (see README "Model interface")
+# Training
+def get_args(argv=None, defaults=None):
+    p = argparse.ArgumentParser(description="Train a U-Net super-resolution GAN (16x16 -> 64x64).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--img_size", type=number(int, 1), default=64, help="output size: 64 only")
+    p.add_argument("--low_size", type=number(int, 1, 63), default=16, help="side of the low-resolution image")
+    p.add_argument("--down", default="bilinear", choices=["bilinear", "bicubic", "area", "nearest"],
+                   help="downsampling filter (bilinear/bicubic antialiased); the way back up is always bilinear")
+    p.add_argument("--ngf", type=number(int, 2, 1024), default=32, help="G's width, even: encoder ngf..16ngf")
+    p.add_argument("--ndf", type=number(int, 1, 1024), default=32, help="discriminator width of its first layer")
+    p.add_argument("--gan_loss", default="bce", choices=["bce", "lsgan", "hinge", "wgan-gp"], help="GAN loss")
+    p.add_argument("--gp_weight", type=number(float, 0), default=10.0, help="gradient penalty weight for wgan-gp")
+    p.add_argument("--sn", action="store_true", help="spectral norm on every D conv, and no batch norm in D")
+    p.add_argument("--recon", default="l1", choices=["l1", "mse"], help="pixel reconstruction loss, on [-1, 1] images")
+    p.add_argument("--recon_weight", type=number(float, 0), default=1.0, help="weight of the reconstruction loss")
+    p.add_argument("--adv_weight", type=number(float, 0), default=1.0, help="weight of the GAN loss (0: a plain U-Net)")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-4, help="Adam learning rate, both networks")
+    p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
+    p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
+    p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
+    p.add_argument("--eval_images", type=number(int, 0), default=1000, help="test images for the test MSE; 0: all")
+    args = parse_run_flags(p, argv, {"log_interval": 25, "sample_interval": 300, "ckpt_interval": 300,
+                                     **(defaults or {})}, batch_size=32, max_iters=1200)
+    if args.img_size != 64:
+        fail(f"--img_size {args.img_size} is not supported: the U-Net and D are built for 64x64 (every dataset is "
+             f"resized to 64 when loaded); use --img_size 64")
+    if args.ngf % 2:
+        fail(f"--ngf {args.ngf} must be even (the last decoder layer has ngf/2 channels)")
+    return args
 
+def main(argv=None):
+    config, ckpt = parse_config(get_args, argv)
+    device, rank, world = setup_distributed(config)
+    ddp, master, out_dir = world > 1, rank == 0, config["out_dir"]
+    data, _ = train_data(config, device)
+    test = load_test_split(config, master)
+    test_data = test[:config["eval_images"] or None].to(device)
+    shown = test if len(test) else data  # 12 fixed images spread over it: the grids, triplets.png, the strip's first
+    fixed_truth = shown[torch.linspace(0, len(shown) - 1, min(12, len(shown))).long()].to(device).float().div(255)
+    fixed_low = degrade(fixed_truth, config)
+    local_batch, loss_kind, channels_last = config["batch_size"] // world, config["gan_loss"], torch.channels_last
+
+    def draw(idx):
+        """(ground truth, low-resolution input) of the training images at idx, both in [-1, 1]."""
+        truth = data[idx.to(device)].float().div(255)
+        return [x.mul(2).sub(1).contiguous(memory_format=channels_last) for x in (truth, degrade(truth, config))]
+
+    torch.manual_seed(config["seed"] + rank)
+    models = {name: m.to(device, memory_format=channels_last) for name, m in build_models(config).items()}
+    G, D = models["G"], models["D"]
+    optimizers = {name: torch.optim.Adam(m.parameters(), config["lr"], (config["beta1"], config["beta2"]))
+                  for name, m in models.items()}
+    ema = {"G": copy.deepcopy(G).eval().requires_grad_(False)} if config["ema_decay"] else {}
+    data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
+    state = {"models": models, "optimizers": optimizers, "ema": ema}  # what a checkpoint holds and restores
+    step, window = restore(ckpt, config, state, data_gen, device)
+    trial = [copy.deepcopy(G), copy.deepcopy(D), fixed_randn(config["seed"] + 2, local_batch, data.shape[1], 64, 64)]
+    autocast = choose_precision(config, device, lambda: trial[1](trial[0](trial[2].to(device))).mean().backward())
+    bn_batches = torch.randint(0, len(data), (10, local_batch), generator=torch.Generator().manual_seed(config["seed"]))
+
+    G_train, D_train = (torch.compile(G), torch.compile(D)) if config["compile"] else (G, D)
+    D_judge = D_train  # D in G's update: outside DDP, since its frozen weights get no gradient there
+    if ddp:
+        G_train, D_train = (torch.nn.parallel.DistributedDataParallel(m) for m in (G_train, D_train))
+    log_path = prepare_out_dir(config, step) if master else None
+    if master:  # the grids after the checkpoint are stale, as its log rows are (the progress strip is drawn from them)
+        for stale in [path for s, path in saved_grids(out_dir) if s > step]:
+            os.remove(stale)
+    t0, timed = time.perf_counter(), 0
+    while step < config["max_iters"]:
+        truth, low = draw(torch.randint(0, len(data), (local_batch,), generator=data_gen))
+        with autocast:
+            fake = G_train(low)  # G's one forward: detached for D's update, with its graph for G's
+
+        # (1) Update D: tell the ground truth from G's output
+        with autocast:
+            real_scores, fake_scores = D_train(truth).float(), D_train(fake.detach()).float()
+            loss_D = discriminator_loss(loss_kind, real_scores, fake_scores)
+            if loss_kind == "wgan-gp":
+                loss_D = loss_D + config["gp_weight"] * gradient_penalty(D_train, truth, fake)
+        optimizers["D"].zero_grad(set_to_none=True)
+        loss_D.backward()
+        optimizers["D"].step()
+
+        # (2) Update G: reconstruct the truth and make the updated D call its output real; D is frozen meanwhile
+        D.requires_grad_(False)
+        with autocast:
+            adv = generator_adv_loss(loss_kind, D_judge(fake).float())
+            recon = reconstruction_loss(config["recon"], fake.float(), truth)
+            loss_G = config["recon_weight"] * recon + config["adv_weight"] * adv
+        optimizers["G"].zero_grad(set_to_none=True)
+        loss_G.backward()
+        optimizers["G"].step()
+        D.requires_grad_(True)
+        if ema:
+            update_ema(ema["G"], G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
+        step, timed = step + 1, timed + 1
+        D_x, D_G_y = discriminator_output(loss_kind, real_scores), discriminator_output(loss_kind, fake_scores)
+        accumulate(window, loss_D=loss_D, loss_G=loss_G, recon=recon, adv=adv, D_x=D_x, D_G_y=D_G_y)
+
+        is_log, is_sample, is_ckpt = (step % config[k] == 0 or step == config["max_iters"] for k in INTERVALS)
+        if ema and (is_sample or is_ckpt):  # the averaged weights need batch-norm statistics of their own
+            update_bn((draw(idx)[1] for idx in bn_batches), ema["G"])
+        if is_sample and master:  # before the step's loss row, which stays its last
+            G.eval()
+            triplets = torch.stack([fixed_low, upscale(ema or models, fixed_low), fixed_truth], 1)  # input|output|truth
+            save_image(triplets.flatten(0, 1), f"{out_dir}/samples/step_{step:06d}.png", nrow=6, padding=2)
+            save_image(triplets[:10].flatten(0, 1), f"{out_dir}/triplets.png", nrow=3, padding=2)
+            if len(test_data):
+                write_test_row(log_path, step, (ema or models)["G"], test_data, config)
+            G.train()
+            save_progress_strip(out_dir)
+        if is_log:
+            check_finite(window, step, config)
+            if master:
+                write_log_row(log_path, step, window, time.perf_counter() - t0, timed, config)
+            window, t0, timed = {}, time.perf_counter(), 0
+        if is_sample and master:
+            plot_curves(log_path, out_dir, [("loss_D", "loss_G"), ("recon", "adv"), ("D_x", "D_G_y"),
+                                            ("test_mse", "baseline_mse")][:3 + bool(len(test_data))])
+        if is_ckpt:
+            save_checkpoint(config, step, state, data_gen, window, master)
+    if ddp:
+        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
+        torch.distributed.destroy_process_group()
+
+# -----------------------------------------------------------------------------
+# Run plumbing, the same in every model script (tests/test_shared_helpers.py keeps it so)
+INTERVALS = ("log_interval", "sample_interval", "ckpt_interval")
+RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
+             "out_dir", "resume", "eval_images"}  # what a resumed run may change; the rest is the checkpoint's
+
+def number(cast, low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite cast(text) from low to high, each end included unless open."""
+    def parse(text):
+        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        return value
+    return parse
+
+FRACTION = number(float, 0, 1, high_open=True)  # [0, 1)
+
+def parse_run_flags(p, argv, defaults, batch_size, max_iters):
+    """Add the flags every script has and parse; a resumed run passes its checkpoint's config as the defaults."""
+    p.error = fail  # one line, not the usage
+    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
+    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
+    p.add_argument("--out_dir", default=f"out/{SCRIPT}", help="checkpoint, samples, logs and curves go here")
+    p.add_argument("--batch_size", type=number(int, 1, 65536), default=batch_size, help="images per step")
+    p.add_argument("--max_iters", type=number(int, 1), default=max_iters, help="training iterations")
+    p.add_argument("--log_interval", type=number(int, 1), default=100, help="iterations between log.jsonl rows")
+    p.add_argument("--sample_interval", type=number(int, 1), default=1000, help="iterations between grids")
+    p.add_argument("--ckpt_interval", type=number(int, 1), default=1000, help="iterations between checkpoints")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto: bfloat16 on CUDA, and on a CPU where a timed trial finds it faster")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT", help="continue from CKPT or --out_dir/ckpt.pt")
+    p.set_defaults(**(defaults or {}))
+    return p.parse_args(argv)
+
+def parse_config(get_args, argv):
+    """The flags as a dict, and the checkpoint to resume (None for a new run): typed flags win over its config."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which checkpoint, before get_args' checks
+    first.add_argument("--resume", nargs="?", const="auto")
+    first.add_argument("--out_dir", default=f"out/{SCRIPT}")
+    known = first.parse_known_args(argv)[0]
+    if not known.resume:
+        return vars(get_args(argv)), None
+    path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a missing, torn or foreign file
+        fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+             f"another script wrote it): start a new run, or use the version that wrote it")
+    config = vars(get_args(argv, ckpt["config"]))
+    fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
+    if fixed:
+        fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
+    return config, ckpt
+
+def setup_distributed(config):
+    """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
+    rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
+    if name == "auto":
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config["batch_size"] % world:
+        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
+    return device, rank, world
+
+def train_data(config, device):
+    """The training images (and labels) on the device, to draw batches by index; sets config["channels"]."""
+    try:
+        images, labels = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if not len(images):
+        fail(f"the train split of '{config['dataset']}' in {config['data_dir']} holds no images")
+    config["channels"] = images.shape[1]
+    return images.to(device), None if labels is None else labels.to(device)
+
+def cpu_computes_bfloat16():
+    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+
+def time_trial(step, device, dtype, repeats=3):
+    """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
+    times = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return round(1000 * min(times[1:]), 2)
+
+def choose_precision(config, device, trial_step):
+    """The autocast context of config["precision"]. --dtype auto: bfloat16 on CUDA where supported; on a CPU only
+    where trial_step (a forward and backward of copies of the networks) runs >10% faster in it than in float32, as a
+    CPU reporting avx512_bf16 can run it slower. A resumed run keeps its choice unless --dtype names one."""
+    if config["dtype"] != "auto" or "precision" not in config:
+        config["precision"], config["dtype_trial_ms"] = config["dtype"], {}
+        if config["dtype"] == "auto" and device.type == "cpu" and cpu_computes_bfloat16():
+            ms = config["dtype_trial_ms"] = {d: time_trial(trial_step, device, d) for d in ("float32", "bfloat16")}
+            config["precision"] = "bfloat16" if ms["bfloat16"] * 1.1 < ms["float32"] else "float32"
+        elif config["dtype"] == "auto":
+            config["precision"] = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if torch.distributed.is_initialized():  # every rank takes rank 0's choice
+            choice = [config["precision"]]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            config["precision"] = choice[0]
+    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
+                                                                    if config["dtype_trial_ms"] else ""))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
+
+def fixed_randn(seed, *shape):
+    """Noise from a generator of its own, leaving the training stream untouched (grids, statistics, trials)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+def restore(ckpt, config, state, data_gen, device):
+    """Load a checkpoint into the run's {group: {name: object}} -> (step, log window); a new run: (0, {})."""
+    if ckpt is None:
+        return 0, {}
+    for group, objects in state.items():
+        for name, obj in objects.items():
+            obj.load_state_dict(ckpt[group][name])
+    for optimizer in state["optimizers"].values():  # --lr may change on resume
+        for group in optimizer.param_groups:
+            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["step"], dict(ckpt["log_window"])
+
+def tensors_in(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    for item in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []:
+        yield from tensors_in(item)
+
+def check_finite(state, step, config):
+    """Stop when a float anywhere in `state` is not finite on any process (the ranks agree, so none waits forever)."""
+    finite = torch.tensor(float(all(t.isfinite().all() for t in tensors_in(state) if t.is_floating_point())),
+                          device="cuda" if torch.cuda.is_initialized() else "cpu")  # NCCL reduces CUDA tensors only
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite.item():
+        fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
+             f"try a lower --lr")
+
+def save_checkpoint(config, step, state, data_gen, window, master):
+    """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
+    full disk mid-save never leaves a torn ckpt.pt."""
+    ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
+            **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
+            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+                    **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
+    check_finite(ckpt, step, config)
+    path = os.path.join(config["out_dir"], "ckpt.pt")
+    try:
+        if master:
+            buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly
+            torch.save(ckpt, buffer)
+            with open(path + ".tmp", "wb") as f:
+                f.write(buffer.getbuffer())
+            os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept")
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
     if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a {SCRIPT} checkpoint (script={ckpt.get('script')!r}, format={ckpt.get('format')!r})")
+        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
     models = build_models(ckpt["config"])
     for name, model in models.items():
-        model.load_state_dict(ckpt.get("ema", {}).get(name, ckpt["models"][name]))
-        model.to(device).eval()
-    return models
+        model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
+    return {name: model.to(device).eval() for name, model in models.items()}
 
+def prepare_out_dir(config, step):
+    """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""
+    out_dir, log_path = config["out_dir"], os.path.join(config["out_dir"], "log.jsonl")
+    try:
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        rows = open(log_path).readlines() if os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
+    except OSError as e:
+        fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
+    return log_path
 
 @torch.no_grad()
-def upscale(models, x_low):
-    """degrade(x) in [0, 1] -> G's 64x64 output in [0, 1]."""
-    return models["G"](x_low * 2 - 1).float().add(1).div(2).clamp(0, 1)
+def accumulate(window, **values):
+    """Add each value's mean to the log window's running sums, and count the step."""
+    for name, value in values.items():
+        window[name] = window.get(name, 0) + value.detach().float().mean()
+    window["steps"] = window.get("steps", 0) + 1
 
+def write_log_row(log_path, step, window, seconds, timed_steps, config):
+    """Append the window's means to log.jsonl and print them, with the speed and the time left."""
+    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
+    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
+           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    if torch.cuda.is_initialized():
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
+          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
+          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
-# -----------------------------------------------------------------------------
-# Run outputs and setup, the same in every model script
-
-
-def save_checkpoint(ckpt, path):
-    """Write to a temporary file, then rename: a kill or a full disk mid-save never leaves a torn ckpt.pt."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept") from None
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # torch raises several types for a torn or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
-def plot_curves(log_path, png_path, keys):
+def plot_curves(log_path, out_dir, keys):
+    """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        return
+    rows = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, group in zip(axes[0], keys):
         for key in group:  # some keys (a test metric) are only in some rows
             ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
-        ax.set_xlabel("step")
+        ax.set(xlabel="step")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
+    fig.savefig(os.path.join(out_dir, "curves.tmp.png"), dpi=100)
     plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-
-
-def truncate_log(log_path, last_step):
-    """Drop log lines written after `last_step`: on resume those after the checkpoint, on a new run all."""
-    if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
-    with open(log_path, "w") as f:
-        f.writelines(rows)
-
+    os.replace(os.path.join(out_dir, "curves.tmp.png"), os.path.join(out_dir, "curves.png"))
 
 def fail(message):
     print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
     sys.exit(1)
-
-
-def resolve_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_computes_bfloat16():
-    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs it faster than float32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
-
-
-def resolve_dtype(name, device):
-    """--dtype auto: bfloat16 autocast where the device computes it natively, float32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device.type == "cpu":
-        return "bfloat16" if cpu_computes_bfloat16() else "float32"
-    return "float32"
-
-
-def setup_distributed(device_name):
-    """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_name)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
-
-
-def typed_flags(argv):
-    """The flags the user typed (the parser takes no abbreviations), to tell `--lr 2e-4` from the default 2e-4."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-
-
-def resume_config(config, argv):
-    """The checkpoint to resume and its config, with the flags typed now that a resumed run may change."""
-    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] == "auto" else config["resume"]
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"--resume: {e}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        kind = ckpt.get("script") if isinstance(ckpt, dict) else None
-        fail(f"--resume: {path} is not a {SCRIPT} checkpoint" + (f" but a {kind} one" if kind else ""))
-    typed = typed_flags(argv)
-    fixed = sorted(k for k in typed - set(RESUMABLE_OVERRIDES) if k in ckpt["config"] and config[k] != ckpt["config"][k])
-    if fixed:
-        fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r}); "
-             f"start a new run in another --out_dir instead")
-    # flags newer than the checkpoint keep their defaults
-    return ckpt, {**config, **ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
-
-
-def prepare_out_dir(config, step):
-    """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""
-    out_dir = config["out_dir"]
-    try:
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        truncate_log(os.path.join(out_dir, "log.jsonl"), step)
-    except OSError as e:
-        fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
-    return os.path.join(out_dir, "log.jsonl")
-
-
-def check_positive(config, names):
-    for name in names:
-        if not config[name] > 0:
-            fail(f"--{name} {config[name]} must be positive")
-
-
-def all_finite(tensors, ddp):
-    """True when every tensor is finite on every process: the ranks must agree, or one exits while the others wait."""
-    finite = torch.stack([t.detach().isfinite().all() for t in tensors]).all().float()
-    if ddp:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def write_log_row(log_path, row, max_iters):
-    """Append one row to log.jsonl and print it, with the time left at the current speed."""
-    with open(log_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    values = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "ms_per_step", "images_per_s"))
-    left = format_time(row["ms_per_step"] * (max_iters - row["step"]) / 1000)
-    print(f"step {row['step']}/{max_iters} | {values} | {row['ms_per_step']:.1f} ms/step, "
-          f"{row['images_per_s']:.0f} img/s, {left} left", flush=True)
-
-
-def save_progress_strip(path, low, truth, frames, steps):
-    """One fixed test input through training, left to right: input | output at each sample step | ground truth."""
-    from PIL import Image, ImageDraw  # pillow comes with torchvision
-    cells = torch.cat([low[None], torch.stack(frames), truth[None]]).float().cpu()
-    grid = make_grid(cells, nrow=len(cells), padding=2, pad_value=1.0)
-    grid = grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    strip = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).convert("RGB")
-    canvas = Image.new("RGB", (strip.width, strip.height + 14), "white")
-    canvas.paste(strip, (0, 14))
-    draw = ImageDraw.Draw(canvas)
-    cell = cells.shape[-1] + 2
-    for i, label in enumerate(["input"] + [f"{s}" for s in steps] + ["truth"]):
-        draw.text((2 + i * cell + 2, 1), label, fill="black")
-    canvas.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a U-Net super-resolution GAN (16x16 -> 64x64).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--dataset", default="mnist5k",
-                   help="folder under --data_dir holding train.npy / test.npy (any size, RGB or grey; resized to 64x64)")
-    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
-    p.add_argument("--out_dir", default="out/srgan", help="checkpoint, samples, logs and curves go here")
-    p.add_argument("--img_size", type=int, default=IMG_SIZE, help="output size; the networks are built for 64 only")
-    p.add_argument("--low_size", type=int, default=16, help="side of the low-resolution image before it is upsampled back")
-    p.add_argument("--down", default="bilinear", choices=["bilinear", "bicubic", "area", "nearest"],
-                   help="downsampling filter (bilinear/bicubic antialiased); the way back up is always bilinear")
-    p.add_argument("--ngf", type=int, default=32, help="generator width: encoder ngf..16ngf, decoder 8ngf..ngf/2 (CIS 680: 32)")
-    p.add_argument("--ndf", type=int, default=32, help="discriminator width of its first layer (CIS 680: 32)")
-    p.add_argument("--gan_loss", default="bce", choices=["bce", "lsgan", "hinge", "wgan-gp"],
-                   help="adversarial loss; wgan-gp drops D's batch norm (the penalty is per sample)")
-    p.add_argument("--gp_weight", type=float, default=10.0, help="gradient penalty weight for wgan-gp (Gulrajani et al. 2017)")
-    p.add_argument("--sn", action="store_true", help="spectral norm on every D conv (and no batch norm in D; Miyato et al. 2018)")
-    p.add_argument("--recon", default="l1", choices=["l1", "mse"], help="pixel reconstruction loss, on [-1, 1] images")
-    p.add_argument("--recon_weight", type=float, default=1.0, help="weight of the reconstruction loss in G's loss (CIS 680: 1)")
-    p.add_argument("--adv_weight", type=float, default=1.0, help="weight of the adversarial loss in G's loss (0: a plain U-Net regressor)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per step, over all processes (CIS 680: 32)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate for both networks")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=1200, help="training iterations (each: one D update, then one G update)")
-    p.add_argument("--log_interval", type=int, default=25, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=300,
-                   help="iterations between sample grids, progress strip, triplets, test MSE (each a log line) and curves.png")
-    p.add_argument("--eval_images", type=int, default=1000, help="test images for the test MSE at each sample step (0: all; CIS 680: 1000)")
-    p.add_argument("--ckpt_interval", type=int, default=300, help="iterations between checkpoints (one is always written at the end)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto: bfloat16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT (default: --out_dir/ckpt.pt) exactly where it stopped")
-    return p.parse_args(argv)
-
-
-# Flags a resumed run may change; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "eval_images", "ckpt_interval",
-                       "device", "dtype", "compile", "out_dir", "resume")
-
-
-def main(argv=None):
-    config = vars(get_args(argv))
-    device, rank, world = setup_distributed(config["device"])
-    ddp, master = world > 1, rank == 0
-    ckpt = None
-    if config["resume"]:
-        ckpt, config = resume_config(config, argv)
-    check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "low_size",
-                            "ngf", "ndf", "lr"])
-    if config["img_size"] != IMG_SIZE:
-        fail(f"--img_size {config['img_size']} is not supported: the U-Net and discriminator of CIS 680 (2019) assignment 4 "
-             f"are built for 64x64 (any dataset is resized to 64 when loaded), use --img_size 64")
-    if config["low_size"] >= IMG_SIZE:
-        fail(f"--low_size {config['low_size']} must be below {IMG_SIZE}")
-    if config["ngf"] % 2:
-        fail(f"--ngf {config['ngf']} must be even (the last decoder layer has ngf/2 channels)")
-    for name in ("eval_images", "gp_weight", "recon_weight", "adv_weight"):
-        if config[name] < 0:
-            fail(f"--{name} {config[name]} must not be negative")
-    for name in ("beta1", "beta2", "ema_decay"):
-        if not 0 <= config[name] < 1:
-            fail(f"--{name} {config[name]} must be in [0, 1)")
-    try:
-        train_images, _ = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
-        test_images, _ = load_images(config["data_dir"], config["dataset"], "test", config["img_size"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    if len(test_images) and train_images.shape[1] != test_images.shape[1]:
-        fail(f"the train and test splits of '{config['dataset']}' have {train_images.shape[1]} and {test_images.shape[1]} channels")
-    if config["batch_size"] % world:
-        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
-    config["channels"] = train_images.shape[1]
-    dtype = resolve_dtype(config["dtype"], device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    # conv layers run faster on N x H x W x C tensors (oneDNN on CPU, tensor cores on CUDA)
-    memory_format = torch.channels_last
-    data = train_images.to(device)  # uint8 on the device; batches are drawn by index
-    test_data = test_images[:config["eval_images"] or None].to(device)
-    local_batch = config["batch_size"] // world
-    # 12 fixed images, evenly spread over the test split, for the sample grids (the first 10 for triplets.png,
-    # the first one for progress_strip.png); an empty test split (prepare.py --test_size 0) lends training images
-    shown = test_images if len(test_images) else train_images
-    if not len(test_images) and master:
-        print(f"{SCRIPT}.py: note: the test split of '{config['dataset']}' is empty: "
-              f"the sample grids show training images and no test MSE is logged", flush=True)
-    fixed_truth = shown[torch.linspace(0, len(shown) - 1, min(12, len(shown))).long()].to(device).float().div(255)
-    fixed_low = degrade(fixed_truth, config)
-
-    torch.manual_seed(config["seed"] + rank)
-    models = build_models(config)
-    G = models["G"].to(device, memory_format=memory_format)
-    D = models["D"].to(device, memory_format=memory_format)
-    ema_G = copy.deepcopy(G).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
-    opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
-    opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
-    data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
-    # running sums over the current log window: checkpointed, so a resumed log equals an uninterrupted one
-    window = {k: torch.zeros((), device=device) for k in ("loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y")}
-    window_steps, step = 0, 0
-    progress_frames, progress_steps = [], []  # G's output for the first fixed image at each sample step
-    if ckpt is not None:
-        G.load_state_dict(ckpt["models"]["G"])
-        D.load_state_dict(ckpt["models"]["D"])
-        if ema_G is not None:
-            ema_G.load_state_dict(ckpt["ema"]["G"])
-        opt_G.load_state_dict(ckpt["optimizers"]["G"])
-        opt_D.load_state_dict(ckpt["optimizers"]["D"])
-        for group in opt_G.param_groups + opt_D.param_groups:
-            group["lr"] = config["lr"]
-        step = ckpt["step"]
-        window = {k: v.to(device) for k, v in ckpt["log_window"]["sums"].items()}
-        window_steps = ckpt["log_window"]["steps"]
-        progress_steps = list(ckpt["progress"]["steps"])
-        progress_frames = [f.to(device).float().div(255) for f in ckpt["progress"]["frames"]]
-        if world == 1:  # the saved streams are rank 0's; other ranks keep their own seeds
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            data_gen.set_state(ckpt["rng"]["data"])
-            if device.type == "cuda" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    saved_weights = [*G.parameters(), *D.parameters(), *(ema_G.parameters() if ema_G is not None else [])]
-
-    G_train, D_train = (torch.compile(G), torch.compile(D)) if config["compile"] else (G, D)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        G_train, D_train = DDP(G_train), DDP(D_train)
-    out_dir = config["out_dir"]
-    log_path = prepare_out_dir(config, step) if master else None
-
-    def draw_batch(generator):
-        """Training images picked with `generator`: (ground truth, low-resolution input), both in [-1, 1]."""
-        idx = torch.randint(0, len(data), (local_batch,), generator=generator).to(device)
-        truth = data[idx].float().div(255)
-        low = degrade(truth, config)
-        return truth.mul(2).sub(1).contiguous(memory_format=memory_format), low.mul(2).sub(1).contiguous(memory_format=memory_format)
-
-    def sample_generator():
-        """The generator the grids and the checkpoint's evaluation use: the EMA one, with its own batch-norm statistics."""
-        if ema_G is None:
-            return G
-        picks = torch.Generator().manual_seed(config["seed"])  # fixed inputs, and the training streams stay untouched
-        recompute_batchnorm_stats(ema_G, ((draw_batch(picks)[1],) for _ in range(50)))
-        return ema_G
-
-    @torch.no_grad()
-    def test_mse(generator):
-        """MSE in [0, 1] pixels over the test images of G's output and of the bilinear input, each against the truth:
-        float32, as evaluate.py computes it."""
-        was_training = generator.training
-        generator.eval()
-        sums = torch.zeros(2, device=device, dtype=torch.float64)
-        for i in range(0, len(test_data), 250):
-            truth = test_data[i:i + 250].float().div(255)
-            low = degrade(truth, config)
-            out = upscale({"G": generator}, low)
-            sums += torch.stack([(out - truth).pow(2).flatten(1).mean(1).sum(), (low - truth).pow(2).flatten(1).mean(1).sum()]).double()
-        generator.train(was_training)
-        return (sums / len(test_data)).tolist()
-
-    def save_samples(generator):
-        was_training = generator.training
-        generator.eval()
-        out = upscale({"G": generator}, fixed_low)
-        generator.train(was_training)
-        # 6x6 grid: each row holds two (input, output, truth) triplets of the fixed images
-        triplets = torch.stack([fixed_low, out, fixed_truth], 1)
-        save_image(triplets.flatten(0, 1), os.path.join(out_dir, "samples", f"step_{step:06d}.png"), nrow=6, padding=2)
-        save_image(triplets[:10].flatten(0, 1), os.path.join(out_dir, "triplets.png"), nrow=3, padding=2)
-        progress_frames.append(out[0])
-        progress_steps.append(step)
-        save_progress_strip(os.path.join(out_dir, "progress_strip.png"), fixed_low[0], fixed_truth[0], progress_frames, progress_steps)
-
-    def checkpoint():
-        return {
-            "script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step,
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            **({"ema": {"G": ema_G.state_dict()}} if ema_G is not None else {}),
-            "optimizers": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
-            "progress": {"steps": progress_steps,
-                         "frames": [f.mul(255).round().to(torch.uint8).cpu() for f in progress_frames]},
-            "log_window": {"sums": {k: v.cpu() for k, v in window.items()}, "steps": window_steps},
-        }
-
-    loss_kind = config["gan_loss"]
-    t0, timed_steps = time.perf_counter(), 0  # the timer restarts with the process, the window may not
-    while step < config["max_iters"]:
-        truth, low = draw_batch(data_gen)
-        with autocast:
-            fake = G_train(low)  # G's one forward: detached for D's update, with its graph for G's
-
-        # (1) Update D: tell the ground truth from G's output
-        with autocast:
-            real_scores = D_train(truth).float()
-            fake_scores = D_train(fake.detach()).float()
-            loss_D = discriminator_loss(loss_kind, real_scores, fake_scores)
-            if loss_kind == "wgan-gp":
-                loss_D = loss_D + config["gp_weight"] * gradient_penalty(D_train, truth, fake.detach())
-        opt_D.zero_grad(set_to_none=True)
-        loss_D.backward()
-        opt_D.step()
-
-        # (2) Update G: reconstruct the ground truth and make the updated D call its output real
-        with autocast:
-            adv = generator_adv_loss(loss_kind, D_train(fake).float())
-            recon = reconstruction_loss(config["recon"], fake.float(), truth)
-            loss_G = config["recon_weight"] * recon + config["adv_weight"] * adv
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
-        if ema_G is not None:
-            update_ema(ema_G, G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
-        step += 1
-
-        with torch.no_grad():
-            window["loss_D"] += loss_D.detach()
-            window["loss_G"] += loss_G.detach()
-            window["recon"] += recon.detach()
-            window["adv"] += adv.detach()
-            window["D_x"] += discriminator_output(loss_kind, real_scores).mean()
-            window["D_G_y"] += discriminator_output(loss_kind, fake_scores).mean()  # on G's output, in D's update
-        window_steps += 1
-        timed_steps += 1
-
-        is_last = step == config["max_iters"]
-        is_sample = step % config["sample_interval"] == 0 or is_last  # on every process: it also writes a log line
-        is_log = step % config["log_interval"] == 0 or is_sample
-        is_ckpt = step % config["ckpt_interval"] == 0 or is_last
-        if (is_log or is_ckpt) and not all_finite([*window.values(), *saved_weights], ddp):
-            fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {out_dir} is kept; try a lower --lr")
-        generator = sample_generator() if master and (is_sample or is_ckpt) else None
-        if is_log:
-            if master:
-                seconds = time.perf_counter() - t0
-                row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
-                       "ms_per_step": 1000 * seconds / timed_steps,
-                       "images_per_s": timed_steps * config["batch_size"] / seconds}
-                if is_sample and len(test_data):
-                    row["test_mse"], row["baseline_mse"] = test_mse(generator)
-                if device.type == "cuda":
-                    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                write_log_row(log_path, row, config["max_iters"])
-            for v in window.values():
-                v.zero_()
-            window_steps, timed_steps, t0 = 0, 0, time.perf_counter()
-        if master and is_sample:
-            save_samples(generator)
-            plot_curves(log_path, os.path.join(out_dir, "curves.png"), [("loss_D", "loss_G"), ("recon", "adv"), ("D_x", "D_G_y")])
-        if master and is_ckpt:
-            try:
-                save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
-            except OSError as e:
-                fail(e)
-    if ddp:
-        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
-        torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

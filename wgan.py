@@ -1,326 +1,222 @@
 """WGAN and WGAN-GP: Wasserstein GANs with weight clipping or a gradient penalty, in one file.
 
-Arjovsky, Chintala, Bottou, "Wasserstein GAN", ICML 2017 (--mode clip).
-Gulrajani, Ahmed, Arjovsky, Dumoulin, Courville, "Improved Training of
-Wasserstein GANs", NeurIPS 2017 (--mode gp, the default).
-
-The generator is the DCGAN generator of the course handouts; the critic is the
-DCGAN discriminator without the sigmoid (CSI5340 assignment 4): it outputs an
-unbounded score, and training maximises E[D(x)] - E[D(G(z))], an estimate of
-the Wasserstein-1 distance when D is 1-Lipschitz (the 2018 image-generation
-assignment). The Lipschitz constraint comes either from clipping every critic
-weight to [-c, c] after each critic update (c = 0.01 in Arjovsky et al.; the
-2018 assignment uses 0.05), or from the penalty
-lambda * E[(||grad D(x_hat)||_2 - 1)^2] at random points x_hat between real and
-generated samples (Gulrajani et al., lambda = 10), which needs a critic without
-batch norm.
-
-Two training aids leave the model as defined and are on by default: the critic
-sees real and generated images through the same differentiable augmentation
-(Zhao et al. 2020), and samples and evaluation use an exponential moving average
-of G's weights. `--augment none --ema_decay 0` trains exactly as the papers do.
+Arjovsky, Chintala, Bottou, "Wasserstein GAN", ICML 2017 (--mode clip); Gulrajani et al., "Improved Training of
+Wasserstein GANs", NeurIPS 2017 (--mode gp, the default). G is dcgan.py's generator; the critic D is its
+discriminator without the sigmoid, trained to maximise E[D(x)] - E[D(G(z))] under a Lipschitz constraint: critic
+weights clipped to [-c, c], or a gradient penalty. Which course uses which configuration: docs/handouts.md.
 
     python wgan.py                                    # WGAN-GP on the embedded MNIST sample, 32x32
     python wgan.py --mode clip                        # WGAN with weight clipping, RMSprop
-    python wgan.py --mode clip --clip 0.05            # the clipping bound of the 2018 image-generation assignment
     python wgan.py --augment none --ema_decay 0       # the papers' plain training: no augmentation, no averaging
-    python wgan.py --dataset celeba --img_size 64 --ngf 64 --ndf 64 --batch_size 64
-    python wgan.py --depth 5 --lr 3e-4                # CSI5340 assignment 4's WGAN, G and critic 1 to 5 blocks deep
-    torchrun --nproc_per_node=2 wgan.py               # DistributedDataParallel
 
-Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png,
-log.jsonl, curves.png and config.json.
+Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, log.jsonl, curves.png, config.json.
 """
 import argparse
 import copy
+import io
 import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 from torchvision.utils import save_image
 
 SCRIPT = "wgan"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 # -----------------------------------------------------------------------------
 # Data: data/<dataset>/{train,test}.npy, uint8 N x H x W x C, held on the device
-
-
 def load_images(data_dir, dataset, split, img_size):
-    """The prepared arrays of a dataset as uint8 N x C x H x W, resized once to img_size."""
-    folder = os.path.join(data_dir, dataset)
-    path = os.path.join(folder, f"{split}.npy")
-    prepare = os.path.join(data_dir, dataset.split("/")[0], "prepare.py")  # data/folder/<name> is made by data/folder/prepare.py
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: python {prepare}")
-    try:
-        images = np.load(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); remake it with: python {prepare}") from None
+    """data/<dataset>/<split>.npy as uint8 N x C x H x W at img_size, and <split>_labels.npy (None where absent)."""
+    prepare = f"python {os.path.join(data_dir, dataset.split('/')[0], 'prepare.py')}"  # data/folder/<name>: folder's
+    path, labels_path = (os.path.join(data_dir, dataset, f"{split}{suffix}.npy") for suffix in ("", "_labels"))
+    if not os.path.isdir(data_dir) or not os.path.exists(path):
+        raise FileNotFoundError(f"no {split} split of '{dataset}' at {path}; make it with: {prepare}")
+    arrays = []
+    for file in (path, labels_path)[:1 + os.path.exists(labels_path)]:
+        try:
+            arrays.append(np.load(file))
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"cannot read {file} ({e}); remake it with: {prepare}") from None
+    images, labels = arrays[0], arrays[1] if len(arrays) > 1 else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path} should hold uint8 N x H x W x C with C = 1 or 3, not {images.dtype} {images.shape}")
+        raise ValueError(f"{path} should hold uint8 N x H x W x C, C = 1 or 3, not {images.dtype} {images.shape}; "
+                         f"remake it with: {prepare}")
+    if labels is not None and labels.shape[:1] != images.shape[:1]:
+        raise ValueError(f"{labels_path} has {len(labels)} labels for {len(images)} images; remake it with: {prepare}")
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    if images.shape[-1] != img_size or images.shape[-2] != img_size:
+    if images.shape[-2:] != (img_size, img_size):
         images = resize_uint8(images, img_size)
-    labels_path = os.path.join(folder, f"{split}_labels.npy")
-    labels = torch.from_numpy(np.load(labels_path)).long() if os.path.exists(labels_path) else None
-    return images, labels
-
+    return images, None if labels is None else torch.from_numpy(labels).long()
 
 def resize_uint8(images, size, chunk=1024):
     out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
     for i in range(0, len(images), chunk):
-        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True)
         out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
     return out
 
-
 def real_images(config, split):
     return load_images(config["data_dir"], config["dataset"], split, config["img_size"])
-
 
 def to_unit_range(images_uint8):
     """uint8 [0, 255] -> float [-1, 1], the range of the generator's tanh."""
     return images_uint8.float().div(127.5).sub(1.0)
 
-
-
 # -----------------------------------------------------------------------------
 # Models
-
-
 def upsample_block(in_ch, out_ch, mode):
-    """Double the spatial size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts")."""
+    """Double the size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016)."""
     if mode == "convtranspose":
         return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=False)
     align = dict(align_corners=False) if mode == "bilinear" else {}
     return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode, **align), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
 
-
-class Generator(nn.Module):
-    """z (nz x 1 x 1) -> image (channels x img_size x img_size) in [-1, 1]: the DCGAN generator.
-
-    depth blocks of transposed conv, batch norm and ReLU, then a transposed conv to the image and a tanh
-    (CSI5340 assignment 4's generator module). The first block turns z into a start x start map,
-    start = img_size / 2^depth; each later layer doubles the resolution and halves the width. The
-    default depth, log2(img_size) - 2, gives the DCGAN tables:
-    For img_size 32 (MNIST homework, depth 3):   nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
-    For img_size 64 (CIS 680, depth 4):          nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64
-    """
+class Generator(nn.Sequential):
+    """dcgan.py's generator: z (nz) -> image in [-1, 1] through depth blocks of (transposed) conv, batch norm and ReLU,
+    each doubling the size and halving the width, then a conv to the image and a tanh. The default depth gives the
+    DCGAN tables; img_size 32: nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32"""
 
     def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose", depth=None):
-        super().__init__()
         depth = depth or int(math.log2(img_size)) - 2
-        start = img_size // 2 ** depth
-        width = ngf * 2 ** (depth - 1)
+        start, width = img_size // 2 ** depth, ngf * 2 ** (depth - 1)
         layers = [nn.ConvTranspose2d(nz, width, start, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
-        # (ngf * 2^(depth-1)) x start x start
-        for _ in range(depth - 1):
+        for _ in range(depth - 1):  # (ngf * 2^(depth-1)) x start x start -> ... -> ngf x (img_size/2) x (img_size/2)
             layers += [upsample_block(width, width // 2, upsample), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
             width //= 2
-        # ngf x (img_size/2) x (img_size/2)
-        layers += [upsample_block(width, channels, upsample), nn.Tanh()]
-        # channels x img_size x img_size
-        self.net = nn.Sequential(*layers)
+        super().__init__(nn.Unflatten(1, (nz, 1, 1)), *layers, upsample_block(width, channels, upsample), nn.Tanh())
 
-    def forward(self, z):
-        return self.net(z.view(z.shape[0], -1, 1, 1))
-
-
-def critic_norm_layer(kind, channels):
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "layer":
-        # GroupNorm with one group normalises each sample over all of C x H x W (layer norm) with a
-        # per-channel scale and offset, as the layer norm of Gulrajani et al.'s code does
-        return nn.GroupNorm(1, channels)
-    return nn.Identity()
-
+NORMS = {"batch": nn.BatchNorm2d, "layer": lambda width: nn.GroupNorm(1, width), "none": lambda width: nn.Identity()}
 
 def strided_convs(channels, ndf, n_layers, norm, slope):
-    """The critic's body: a 4x4 stride-2 conv + LeakyReLU, then n_layers - 1 blocks of conv + norm + LeakyReLU,
-    each halving the resolution and doubling the width. Returns the layers and the last width."""
-    layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)]
-    width = ndf
-    for _ in range(n_layers - 1):
-        # DCGAN's convs have no bias (the normalisation's offset plays its part); without one they need it
-        layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), critic_norm_layer(norm, width * 2),
+    """The critic's body: 4x4 stride-2 conv + LeakyReLU (no norm on the input), then n_layers - 1 blocks of conv +
+    norm + LeakyReLU, each halving the size and doubling the width. -> (layers, last width). Layer norm is GroupNorm
+    with one group (each sample over C x H x W, a scale and offset per channel), as in Gulrajani et al.'s code."""
+    layers, width = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)], ndf
+    for _ in range(n_layers - 1):  # a norm's offset plays the part of the conv's bias; without one, the conv has it
+        layers += [nn.Conv2d(width, 2 * width, 4, 2, 1, bias=norm == "none"), NORMS[norm](2 * width),
                    nn.LeakyReLU(slope, True)]
         width *= 2
     return layers, width
 
-
-class Critic(nn.Module):
-    """image -> one unbounded score: the DCGAN discriminator without the sigmoid (CSI5340 assignment 4).
-
-    For img_size 32: C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> 1
-    For img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> ... -> (ndf*8) x 4 x 4 -> 1
-    norm: "batch" (DCGAN), "layer" or "none". Batch norm mixes the samples of a batch, so a
-    per-sample gradient penalty is not defined for it (Gulrajani et al. §4).
-    slope: of the LeakyReLUs, 0.2 in DCGAN (DLCV HW4: 0.1).
-    """
+class Critic(nn.Sequential):
+    """image -> one unbounded score: the DCGAN discriminator without the sigmoid. norm: batch (DCGAN), layer or none;
+    batch norm couples the samples of a batch, so the per-sample gradient penalty is not defined for it.
+    img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> (ndf*2) x 16 x 16 -> (ndf*4) x 8 x 8 -> (ndf*8) x 4 x 4 -> 1"""
 
     def __init__(self, ndf, channels, img_size, norm="batch", slope=0.2):
-        super().__init__()
         layers, width = strided_convs(channels, ndf, int(math.log2(img_size)) - 2, norm, slope)
-        # width x 4 x 4
-        layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
-        self.net = nn.Sequential(*layers)
+        super().__init__(*layers, nn.Conv2d(width, 1, 4, 1, 0, bias=False), nn.Flatten(0))
 
-    def forward(self, x):
-        return self.net(x).view(-1)
-
-
-class DepthCritic(nn.Module):
-    """image -> one unbounded score: CSI5340 assignment 4's critic module, of depth 1 to 5.
-
-    conv + LeakyReLU, depth - 1 blocks of conv + norm + LeakyReLU, conv + LeakyReLU, then a linear layer
-    to one output, and no sigmoid. The first depth convs are the DCGAN discriminator's strided 4x4 ones,
-    so the critic mirrors the generator of the same depth; the last conv takes the start x start map to 1 x 1.
-    For img_size 32, depth 3: C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1
-    The handout's norm is batch norm, which --mode clip keeps; --mode gp takes layer norm or none, as for Critic.
-    """
+class DepthCritic(nn.Sequential):
+    """image -> one unbounded score, of depth 1 to 5: depth strided convs, a conv taking the start x start map to
+    1 x 1 with a LeakyReLU, then a linear layer. img_size 32, depth 3:
+    C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1"""
 
     def __init__(self, ndf, channels, img_size, depth, norm="batch", slope=0.2):
-        super().__init__()
         layers, width = strided_convs(channels, ndf, depth, norm, slope)
-        # (ndf * 2^(depth-1)) x start x start, start = img_size / 2^depth
-        start = img_size // 2 ** depth
-        layers += [nn.Conv2d(width, width, start, 1, 0, bias=False), nn.LeakyReLU(slope, True), nn.Flatten()]
-        # width x 1 x 1, flattened
-        layers += [nn.Linear(width, 1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x).view(-1)
-
+        super().__init__(*layers, nn.Conv2d(width, width, img_size // 2 ** depth, 1, 0, bias=False),
+                         nn.LeakyReLU(slope, True), nn.Flatten(), nn.Linear(width, 1), nn.Flatten(0))
 
 def init_weights(module):
-    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. 2016)."""
+    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. §4)."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
-
 def build_models(config):
-    c, s = config["channels"], config["img_size"]
-    depth, slope = config.get("depth"), config.get("leaky_slope", 0.2)  # configs older than these flags: the defaults
+    c, s, depth, norm, slope = (config[k] for k in ("channels", "img_size", "depth", "critic_norm", "leaky_slope"))
     G = Generator(config["nz"], config["ngf"], c, s, config["upsample"], depth)
-    if depth:
-        D = DepthCritic(config["ndf"], c, s, depth, config["critic_norm"], slope)
-    else:
-        D = Critic(config["ndf"], c, s, config["critic_norm"], slope)
-    G.apply(init_weights)
-    D.apply(init_weights)
-    return {"G": G, "D": D}
+    D = DepthCritic(config["ndf"], c, s, depth, norm, slope) if depth else Critic(config["ndf"], c, s, norm, slope)
+    return {"G": G.apply(init_weights), "D": D.apply(init_weights)}
 
+def sample_latent(config, n, device, generator=None):
+    return torch.randn(n, config["nz"], device=device, generator=generator)
+
+@torch.no_grad()
+def generate(models, z, labels=None):
+    return models["G"](z).float().add(1).div(2).clamp(0, 1)
 
 # -----------------------------------------------------------------------------
-# Losses. The critic maximises E[D(x)] - E[D(G(z))], so it minimises the negative (CSI5340
-# assignment 4); the generator minimises -E[D(G(z))]. (The 2018 image-generation assignment
-# writes both as the quantities to maximise.)
-
-
+# Losses. The critic maximises E[D(x)] - E[D(G(z))], an estimate of the Wasserstein-1 distance while D is 1-Lipschitz,
+# so it minimises the negative (plus the penalty); G minimises -E[D(G(z))].
 def critic_loss(real_scores, fake_scores, penalty, gp_weight):
     return fake_scores.mean() - real_scores.mean() + gp_weight * penalty
-
 
 def generator_loss(fake_scores):
     return -fake_scores.mean()
 
-
 def gradient_penalty(critic, real, fake, eps=None):
-    """E[(||grad D(x_hat)||_2 - 1)^2] with x_hat = eps x + (1 - eps) G(z) (Gulrajani et al. eq. 3).
-
-    eps ~ U(0, 1) is drawn once per sample, so x_hat lies on the segment between a real and a
-    generated image (one eps per pixel would put it off that segment).
-    """
+    """E[(||grad critic(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) G(z) (Gulrajani et al. 2017, eq. 3), one
+    eps ~ U(0, 1) per sample, so that x_hat lies on the segment between a real and a generated image."""
     if eps is None:
         eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device)
     x_hat = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
-    scores = critic(x_hat)
-    # create_graph: the penalty is a function of the critic's weights through this gradient, which
-    # comes back in x_hat's dtype (float32 for float32 data, also when the critic runs in bf16)
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    grad, = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
-
 
 @torch.no_grad()
 def clip_weights_(critic, bound):
-    """Clamp every critic parameter (batch-norm scales and offsets too) to [-bound, bound] (Arjovsky et al. Alg. 1)."""
+    """Clamp every critic parameter, batch-norm scales and offsets too, to [-bound, bound] (Arjovsky et al. Alg. 1)."""
     for p in critic.parameters():
         p.clamp_(-bound, bound)
 
 # -----------------------------------------------------------------------------
 # Training aids that leave the model as defined: augmenting what D sees, and averaging G's weights
-
-
 def augment_color(x):
     """Random brightness, saturation and contrast, per image (Zhao et al. 2020, DiffAugment)."""
-    n = x.shape[0]
-    x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
+    def rand():
+        return torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+    x = x + (rand() - 0.5)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
+    x = (x - mean) * (rand() * 2) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean
-
+    return (x - mean) * (rand() + 0.5) + mean
 
 def augment_translation(x, ratio=0.125):
     """Shift each image by up to ratio * size pixels; the edge pixels fill the gap (the background on digits)."""
     n, c, h, w = x.shape
     shift = int(h * ratio + 0.5)
-    dy = torch.randint(-shift, shift + 1, (n, 1, 1), device=x.device)
-    dx = torch.randint(-shift, shift + 1, (n, 1, 1), device=x.device)
+    dy, dx = (torch.randint(-shift, shift + 1, (n, 1, 1), device=x.device) for _ in range(2))
     rows = (torch.arange(h, device=x.device).view(1, h, 1) - dy).clamp(0, h - 1)
     cols = (torch.arange(w, device=x.device).view(1, 1, w) - dx).clamp(0, w - 1)
     source = (rows * w + cols).view(n, 1, h * w).expand(n, c, h * w)
     return x.reshape(n, c, h * w).gather(2, source).view(n, c, h, w)
 
-
 def augment_cutout(x, ratio=0.5):
     """Zero a square of ratio * size pixels at a random place in each image; it may hang over the edge."""
     n, _, h, w = x.shape
     size = int(h * ratio + 0.5)
-    top = torch.randint(-(size // 2), h - size // 2, (n, 1, 1), device=x.device)
-    left = torch.randint(-(size // 2), w - size // 2, (n, 1, 1), device=x.device)
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    top, left = (torch.randint(-(size // 2), h - size // 2, (n, 1, 1), device=x.device) for _ in range(2))
+    rows, cols = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
-
 AUGMENTATIONS = {"color": augment_color, "translation": augment_translation, "cutout": augment_cutout}
 
-
 def diff_augment(x, policy):
-    """The same random, differentiable transforms on real and generated images before D sees them
-    (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training"): D cannot
-    memorise a small training set, and G's gradient passes through the transforms. G never learns
-    to produce them: it is judged on augmented fakes against augmented reals."""
+    """The same random, differentiable transforms on real and generated images before D sees them (Zhao et al.
+    2020, DiffAugment): D cannot memorise a small training set, and G's gradient passes through the transforms."""
     for kind in policy:
         x = AUGMENTATIONS[kind](x)
     return x
 
-
 def augment_policy(text):
     """'translation,cutout' -> ["translation", "cutout"]; 'none' -> []."""
     policy = [] if text == "none" else text.split(",")
-    unknown = [kind for kind in policy if kind not in AUGMENTATIONS]
-    if unknown:
-        raise ValueError(f"--augment {text}: unknown {', '.join(unknown)}; use none or a comma list of {', '.join(AUGMENTATIONS)}")
+    if any(kind not in AUGMENTATIONS for kind in policy):
+        raise argparse.ArgumentTypeError(f"{text}: use none or a comma list of {', '.join(AUGMENTATIONS)}")
     return policy
-
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
@@ -328,499 +224,392 @@ def update_ema(ema_model, model, decay):
     for averaged, current in zip(ema_model.parameters(), model.parameters()):
         averaged.lerp_(current, 1 - decay)
 
+# -----------------------------------------------------------------------------
+# Training
+MODE_DEFAULTS = {"clip": dict(lr=5e-5, critic_norm="batch"),  # Arjovsky et al. Alg. 1; RMSprop has no betas
+                 "gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, critic_norm="layer")}  # Gulrajani et al. Alg. 1 and §4
 
-@torch.no_grad()
-def recompute_batchnorm_stats(model, batches):
-    """Averaged weights need batch-norm statistics of their own (those of the trained G do not fit
-    them): the plain average over `batches` (each a tuple of the model's inputs), in train mode."""
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average
-    model.train()
-    for inputs in batches:
-        model(*inputs)
-    model.eval()
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+def resolve_mode_defaults(config):
+    """The flags left unset (None) take the defaults of --mode; a resumed run has them all from its checkpoint."""
+    for key, value in MODE_DEFAULTS[config["mode"]].items():
+        if config[key] is None:
+            config[key] = value
+    return config
 
+def get_args(argv=None, defaults=None):
+    p = argparse.ArgumentParser(description="Train a WGAN (weight clipping) or a WGAN-GP (gradient penalty).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--mode", default="gp", choices=["gp", "clip"], help="the critic's Lipschitz constraint: gradient "
+                   "penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017)")
+    p.add_argument("--img_size", type=number(int, 1, 1024), default=32, help="32 or 64; with --depth, a multiple of "
+                   "2^depth")
+    p.add_argument("--depth", type=int, choices=range(1, 6), metavar="{1,...,5}", help="G of depth (transposed conv, "
+                   "BN, ReLU) blocks and the DepthCritic; unset: the DCGAN tables")
+    p.add_argument("--nz", type=number(int, 1, 4096), default=100, help="latent size")
+    p.add_argument("--ngf", type=number(int, 1, 4096), default=32, help="G's width before its output layer")
+    p.add_argument("--ndf", type=number(int, 1, 4096), default=16, help="critic width of its first layer")
+    p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
+                   help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
+    p.add_argument("--leaky_slope", type=FRACTION, default=0.2, help="the critic's LeakyReLU slope")
+    p.add_argument("--critic_norm", choices=["batch", "layer", "none"], help="the critic's normalisation; unset: "
+                   "batch for clip, layer for gp (which refuses batch norm: Gulrajani et al. §4)")
+    p.add_argument("--clip", type=number(float, 0, low_open=True), default=0.01, help="clip mode: weight bound c")
+    p.add_argument("--gp_weight", type=number(float, 0, low_open=True), default=10.0, help="gp mode: penalty weight")
+    p.add_argument("--n_critic", type=number(int, 1, 100), default=5, help="critic updates per G update (iteration)")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), help="unset: RMSprop 5e-5 (clip), Adam 1e-4 (gp)")
+    p.add_argument("--beta1", type=FRACTION, help="gp mode: Adam beta1; unset: 0.0")
+    p.add_argument("--beta2", type=FRACTION, help="gp mode: Adam beta2; unset: 0.9")
+    p.add_argument("--augment", type=augment_policy, default="translation,cutout",
+                   help="differentiable augmentation of what the critic sees (Zhao et al. 2020): none, or a comma list "
+                        "of color, translation, cutout")
+    p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
+    defaults = {"sample_interval": 500, "ckpt_interval": 500, **(defaults or {})}
+    args = parse_run_flags(p, argv, defaults, batch_size=32, max_iters=4000)
+    resolve_mode_defaults(vars(args))
+    if args.mode == "clip" and (args.beta1 is not None or args.beta2 is not None):
+        fail("--beta1/--beta2 set Adam's betas, but --mode clip trains with RMSprop (Arjovsky et al.)")
+    if args.mode == "gp" and args.critic_norm == "batch":
+        fail("--critic_norm batch cannot be used with --mode gp: batch norm couples the samples, so the per-sample "
+             "gradient penalty is wrong; use layer or none")
+    if args.depth and args.img_size % 2 ** args.depth:
+        fail(f"--img_size {args.img_size} is not supported with --depth {args.depth}: use a multiple of "
+             f"2^depth = {2 ** args.depth}")
+    if not args.depth and args.img_size not in (32, 64):
+        fail(f"--img_size {args.img_size} is not supported by the DCGAN networks: use 32 or 64 (or --depth)")
+    return args
+
+def main(argv=None):
+    config, ckpt = parse_config(get_args, argv)
+    device, rank, world = setup_distributed(config)
+    ddp, master, out_dir = world > 1, rank == 0, config["out_dir"]
+    data, _ = train_data(config, device)
+    local_batch, nz, policy = config["batch_size"] // world, config["nz"], config["augment"]
+    n_critic, gp_mode, memory_format = config["n_critic"], config["mode"] == "gp", torch.channels_last  # faster convs
+
+    torch.manual_seed(config["seed"] + rank)
+    models = {name: m.to(device, memory_format=memory_format) for name, m in build_models(config).items()}
+    G, D = models["G"], models["D"]
+    optimizers = {name: torch.optim.Adam(m.parameters(), config["lr"], (config["beta1"], config["beta2"])) if gp_mode
+                  else torch.optim.RMSprop(m.parameters(), config["lr"]) for name, m in models.items()}
+    ema = {"G": copy.deepcopy(G).eval().requires_grad_(False)} if config["ema_decay"] else {}
+    data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
+    state = {"models": models, "optimizers": optimizers, "ema": ema}  # what a checkpoint holds and restores
+    step, window = restore(ckpt, config, state, data_gen, device)
+    trial = [copy.deepcopy(G), copy.deepcopy(D), fixed_randn(config["seed"] + 2, local_batch, nz).to(device)]
+    autocast = choose_precision(config, device, lambda: trial[1](trial[0](trial[2])).mean().backward())
+    fixed_noise = fixed_randn(config["seed"], 36, nz).to(device)  # the grids' latents
+    bn_noise = fixed_randn(config["seed"] + 1, 10, local_batch, nz)  # the EMA generator's batch-norm statistics
+
+    G_train = torch.compile(G) if config["compile"] else G
+    # gp: D stays eager, since the penalty differentiates it twice, which a compiled graph cannot
+    D_train = torch.compile(D) if config["compile"] and not gp_mode else D
+    D_judge = D_train  # D in G's update: outside DDP, since its frozen weights get no gradient there
+    if ddp:  # the penalty's gradient is taken w.r.t. x_hat, which fires no DDP hook; loss_D.backward() reduces it all
+        G_train, D_train = (torch.nn.parallel.DistributedDataParallel(m) for m in (G_train, D_train))
+    log_path = prepare_out_dir(config, step) if master else None
+    t0, timed = time.perf_counter(), 0
+    while step < config["max_iters"]:
+        # (1) n_critic critic updates, each on fresh fakes: maximise E[D(x)] - E[D(G(z))] (- lambda * penalty)
+        critic_stats = 0
+        for critic_step in range(n_critic):
+            idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
+            real = to_unit_range(data[idx]).contiguous(memory_format=memory_format)
+            with autocast, torch.set_grad_enabled(critic_step == n_critic - 1):  # the last fakes feed G's update
+                fake = G_train(torch.randn(local_batch, nz, device=device))
+            with autocast:
+                real_seen, fake_seen = diff_augment(real, policy), diff_augment(fake.detach(), policy)
+                real_scores, fake_scores = D_train(real_seen).float(), D_train(fake_seen).float()
+                # on interpolates of the images the critic sees, augmented as they are
+                penalty = gradient_penalty(D_train, real_seen, fake_seen) if gp_mode else torch.zeros((), device=device)
+                loss_D = critic_loss(real_scores, fake_scores, penalty, config["gp_weight"])
+            optimizers["D"].zero_grad(set_to_none=True)
+            loss_D.backward()
+            optimizers["D"].step()
+            if not gp_mode:
+                clip_weights_(D, config["clip"])
+            wasserstein = real_scores.mean() - fake_scores.mean()  # the critic's estimate of the distance
+            critic_stats = critic_stats + torch.stack([loss_D, wasserstein, penalty]).detach() / n_critic
+
+        # (2) Update G on the last fakes: maximise E[D(G(z))]; D is frozen, the gradient only passes through it
+        D.requires_grad_(False)
+        with autocast:
+            loss_G = generator_loss(D_judge(diff_augment(fake, policy)).float())
+        optimizers["G"].zero_grad(set_to_none=True)
+        loss_G.backward()
+        optimizers["G"].step()
+        D.requires_grad_(True)
+        if ema:
+            update_ema(ema["G"], G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
+        step, timed = step + 1, timed + 1
+        accumulate(window, **dict(zip(("loss_D", "wasserstein", "gp"), critic_stats)), loss_G=loss_G)
+
+        is_log, is_sample, is_ckpt = (step % config[k] == 0 or step == config["max_iters"] for k in INTERVALS)
+        if is_log:
+            check_finite(window, step, config)
+            if master:  # images_per_s: those through the critic, n_critic batches a step
+                write_log_row(log_path, step, window, time.perf_counter() - t0, timed,
+                              {**config, "batch_size": n_critic * config["batch_size"]})
+            window, t0, timed = {}, time.perf_counter(), 0
+        if ema and (is_sample or is_ckpt):  # the averaged weights need batch-norm statistics of their own
+            update_bn(bn_noise.to(device), ema["G"])
+        if is_sample and master:
+            G.eval()
+            save_image(generate(ema or models, fixed_noise), f"{out_dir}/samples/step_{step:06d}.png", nrow=6)
+            G.train()
+            plot_curves(log_path, out_dir, [("loss_D", "loss_G"), ("wasserstein",), ("gp",)])
+        if is_ckpt:
+            save_checkpoint(config, step, state, data_gen, window, master)
+    if ddp:
+        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
+        torch.distributed.destroy_process_group()
 
 # -----------------------------------------------------------------------------
-# The interface evaluate.py and interpolate.py use (see README "Model interface")
+# Run plumbing, the same in every model script (tests/test_shared_helpers.py keeps it so)
+INTERVALS = ("log_interval", "sample_interval", "ckpt_interval")
+RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
+             "out_dir", "resume", "eval_images"}  # what a resumed run may change; the rest is the checkpoint's
 
+def number(cast, low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite cast(text) from low to high, each end included unless open."""
+    def parse(text):
+        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        return value
+    return parse
+
+FRACTION = number(float, 0, 1, high_open=True)  # [0, 1)
+
+def parse_run_flags(p, argv, defaults, batch_size, max_iters):
+    """Add the flags every script has and parse; a resumed run passes its checkpoint's config as the defaults."""
+    p.error = fail  # one line, not the usage
+    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
+    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
+    p.add_argument("--out_dir", default=f"out/{SCRIPT}", help="checkpoint, samples, logs and curves go here")
+    p.add_argument("--batch_size", type=number(int, 1, 65536), default=batch_size, help="images per step")
+    p.add_argument("--max_iters", type=number(int, 1), default=max_iters, help="training iterations")
+    p.add_argument("--log_interval", type=number(int, 1), default=100, help="iterations between log.jsonl rows")
+    p.add_argument("--sample_interval", type=number(int, 1), default=1000, help="iterations between grids")
+    p.add_argument("--ckpt_interval", type=number(int, 1), default=1000, help="iterations between checkpoints")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto: bfloat16 on CUDA, and on a CPU where a timed trial finds it faster")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT", help="continue from CKPT or --out_dir/ckpt.pt")
+    p.set_defaults(**(defaults or {}))
+    return p.parse_args(argv)
+
+def parse_config(get_args, argv):
+    """The flags as a dict, and the checkpoint to resume (None for a new run): typed flags win over its config."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which checkpoint, before get_args' checks
+    first.add_argument("--resume", nargs="?", const="auto")
+    first.add_argument("--out_dir", default=f"out/{SCRIPT}")
+    known = first.parse_known_args(argv)[0]
+    if not known.resume:
+        return vars(get_args(argv)), None
+    path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a missing, torn or foreign file
+        fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+             f"another script wrote it): start a new run, or use the version that wrote it")
+    config = vars(get_args(argv, ckpt["config"]))
+    fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
+    if fixed:
+        fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
+    return config, ckpt
+
+def setup_distributed(config):
+    """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
+    rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
+    if name == "auto":
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config["batch_size"] % world:
+        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
+    return device, rank, world
+
+def train_data(config, device):
+    """The training images (and labels) on the device, to draw batches by index; sets config["channels"]."""
+    try:
+        images, labels = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if not len(images):
+        fail(f"the train split of '{config['dataset']}' in {config['data_dir']} holds no images")
+    config["channels"] = images.shape[1]
+    return images.to(device), None if labels is None else labels.to(device)
+
+def cpu_computes_bfloat16():
+    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+
+def time_trial(step, device, dtype, repeats=3):
+    """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
+    times = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return round(1000 * min(times[1:]), 2)
+
+def choose_precision(config, device, trial_step):
+    """The autocast context of config["precision"]. --dtype auto: bfloat16 on CUDA where supported; on a CPU only
+    where trial_step (a forward and backward of copies of the networks) runs >10% faster in it than in float32, as a
+    CPU reporting avx512_bf16 can run it slower. A resumed run keeps its choice unless --dtype names one."""
+    if config["dtype"] != "auto" or "precision" not in config:
+        config["precision"], config["dtype_trial_ms"] = config["dtype"], {}
+        if config["dtype"] == "auto" and device.type == "cpu" and cpu_computes_bfloat16():
+            ms = config["dtype_trial_ms"] = {d: time_trial(trial_step, device, d) for d in ("float32", "bfloat16")}
+            config["precision"] = "bfloat16" if ms["bfloat16"] * 1.1 < ms["float32"] else "float32"
+        elif config["dtype"] == "auto":
+            config["precision"] = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if torch.distributed.is_initialized():  # every rank takes rank 0's choice
+            choice = [config["precision"]]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            config["precision"] = choice[0]
+    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
+                                                                    if config["dtype_trial_ms"] else ""))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
+
+def fixed_randn(seed, *shape):
+    """Noise from a generator of its own, leaving the training stream untouched (grids, statistics, trials)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+def restore(ckpt, config, state, data_gen, device):
+    """Load a checkpoint into the run's {group: {name: object}} -> (step, log window); a new run: (0, {})."""
+    if ckpt is None:
+        return 0, {}
+    for group, objects in state.items():
+        for name, obj in objects.items():
+            obj.load_state_dict(ckpt[group][name])
+    for optimizer in state["optimizers"].values():  # --lr may change on resume
+        for group in optimizer.param_groups:
+            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["step"], dict(ckpt["log_window"])
+
+def tensors_in(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    for item in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []:
+        yield from tensors_in(item)
+
+def check_finite(state, step, config):
+    """Stop when a float anywhere in `state` is not finite on any process (the ranks agree, so none waits forever)."""
+    finite = torch.tensor(float(all(t.isfinite().all() for t in tensors_in(state) if t.is_floating_point())),
+                          device="cuda" if torch.cuda.is_initialized() else "cpu")  # NCCL reduces CUDA tensors only
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite.item():
+        fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
+             f"try a lower --lr")
+
+def save_checkpoint(config, step, state, data_gen, window, master):
+    """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
+    full disk mid-save never leaves a torn ckpt.pt."""
+    ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
+            **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
+            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+                    **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
+    check_finite(ckpt, step, config)
+    path = os.path.join(config["out_dir"], "ckpt.pt")
+    try:
+        if master:
+            buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly
+            torch.save(ckpt, buffer)
+            with open(path + ".tmp", "wb") as f:
+                f.write(buffer.getbuffer())
+            os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept")
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
     if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a {SCRIPT} checkpoint (script={ckpt.get('script')!r}, format={ckpt.get('format')!r})")
+        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
     models = build_models(ckpt["config"])
     for name, model in models.items():
-        model.load_state_dict(ckpt.get("ema", {}).get(name, ckpt["models"][name]))
-        model.to(device).eval()
-    return models
+        model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
+    return {name: model.to(device).eval() for name, model in models.items()}
 
-
-def sample_latent(config, n, device, generator=None):
-    return torch.randn(n, config["nz"], device=device, generator=generator)
-
+def prepare_out_dir(config, step):
+    """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""
+    out_dir, log_path = config["out_dir"], os.path.join(config["out_dir"], "log.jsonl")
+    try:
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        rows = open(log_path).readlines() if os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
+    except OSError as e:
+        fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
+    return log_path
 
 @torch.no_grad()
-def generate(models, z, labels=None):
-    return models["G"](z).float().add(1).div(2).clamp(0, 1)
+def accumulate(window, **values):
+    """Add each value's mean to the log window's running sums, and count the step."""
+    for name, value in values.items():
+        window[name] = window.get(name, 0) + value.detach().float().mean()
+    window["steps"] = window.get("steps", 0) + 1
 
+def write_log_row(log_path, step, window, seconds, timed_steps, config):
+    """Append the window's means to log.jsonl and print them, with the speed and the time left."""
+    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
+    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
+           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    if torch.cuda.is_initialized():
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
+          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
+          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
-# -----------------------------------------------------------------------------
-# Run outputs and setup, the same in every model script
-
-
-def save_checkpoint(ckpt, path):
-    """Write to a temporary file, then rename: a kill or a full disk mid-save never leaves a torn ckpt.pt."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept") from None
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # torch raises several types for a torn or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
-def plot_curves(log_path, png_path, keys):
+def plot_curves(log_path, out_dir, keys):
+    """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        return
+    rows = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, group in zip(axes[0], keys):
         for key in group:  # some keys (a test metric) are only in some rows
             ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
-        ax.set_xlabel("step")
+        ax.set(xlabel="step")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
+    fig.savefig(os.path.join(out_dir, "curves.tmp.png"), dpi=100)
     plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-
-
-def truncate_log(log_path, last_step):
-    """Drop log lines written after `last_step`: on resume those after the checkpoint, on a new run all."""
-    if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
-    with open(log_path, "w") as f:
-        f.writelines(rows)
-
+    os.replace(os.path.join(out_dir, "curves.tmp.png"), os.path.join(out_dir, "curves.png"))
 
 def fail(message):
     print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
     sys.exit(1)
-
-
-def resolve_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_computes_bfloat16():
-    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs it faster than float32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
-
-
-def resolve_dtype(name, device):
-    """--dtype auto: bfloat16 autocast where the device computes it natively, float32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device.type == "cpu":
-        return "bfloat16" if cpu_computes_bfloat16() else "float32"
-    return "float32"
-
-
-def setup_distributed(device_name):
-    """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_name)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
-
-
-def typed_flags(argv):
-    """The flags the user typed (the parser takes no abbreviations), to tell `--lr 2e-4` from the default 2e-4."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-
-
-def resume_config(config, argv):
-    """The checkpoint to resume and its config, with the flags typed now that a resumed run may change."""
-    path = os.path.join(config["out_dir"], "ckpt.pt") if config["resume"] == "auto" else config["resume"]
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"--resume: {e}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        kind = ckpt.get("script") if isinstance(ckpt, dict) else None
-        fail(f"--resume: {path} is not a {SCRIPT} checkpoint" + (f" but a {kind} one" if kind else ""))
-    typed = typed_flags(argv)
-    fixed = sorted(k for k in typed - set(RESUMABLE_OVERRIDES) if k in ckpt["config"] and config[k] != ckpt["config"][k])
-    if fixed:
-        fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r}); "
-             f"start a new run in another --out_dir instead")
-    # flags newer than the checkpoint keep their defaults
-    return ckpt, {**config, **ckpt["config"], **{k: config[k] for k in typed & set(RESUMABLE_OVERRIDES)}}
-
-
-def prepare_out_dir(config, step):
-    """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""
-    out_dir = config["out_dir"]
-    try:
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        truncate_log(os.path.join(out_dir, "log.jsonl"), step)
-    except OSError as e:
-        fail(f"cannot write to --out_dir {out_dir}: {e.strerror or e}")
-    return os.path.join(out_dir, "log.jsonl")
-
-
-def check_positive(config, names):
-    for name in names:
-        if not config[name] > 0:
-            fail(f"--{name} {config[name]} must be positive")
-
-
-def all_finite(tensors, ddp):
-    """True when every tensor is finite on every process: the ranks must agree, or one exits while the others wait."""
-    finite = torch.stack([t.detach().isfinite().all() for t in tensors]).all().float()
-    if ddp:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def write_log_row(log_path, row, max_iters):
-    """Append one row to log.jsonl and print it, with the time left at the current speed."""
-    with open(log_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    values = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "ms_per_step", "images_per_s"))
-    left = format_time(row["ms_per_step"] * (max_iters - row["step"]) / 1000)
-    print(f"step {row['step']}/{max_iters} | {values} | {row['ms_per_step']:.1f} ms/step, "
-          f"{row['images_per_s']:.0f} img/s, {left} left", flush=True)
-
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a WGAN (weight clipping) or WGAN-GP (gradient penalty).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--mode", default="gp", choices=["gp", "clip"],
-                   help="Lipschitz constraint on the critic: gradient penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017)")
-    p.add_argument("--dataset", default="mnist5k", help="folder under --data_dir holding train.npy / test.npy")
-    p.add_argument("--data_dir", default="data", help="where the prepared datasets live")
-    p.add_argument("--out_dir", default="out/wgan", help="checkpoint, samples, logs and curves go here")
-    p.add_argument("--img_size", type=int, default=32,
-                   help="32 (4 layers, MNIST homework) or 64 (5 layers, CIS 680); with --depth, a multiple of 2^depth")
-    p.add_argument("--depth", type=int, default=None, choices=range(1, 6), metavar="{1,...,5}",
-                   help="CSI5340 assignment 4's networks of configurable depth: G has depth (transposed conv, BN, ReLU) blocks "
-                        "before its output layer; the critic is conv + LeakyReLU, depth-1 (conv, norm, LeakyReLU) blocks, "
-                        "conv + LeakyReLU, linear. Unset: the DCGAN tables (G of depth 3 at 32x32, 4 at 64x64)")
-    p.add_argument("--nz", type=int, default=100, help="latent size")
-    p.add_argument("--ngf", type=int, default=32, help="generator width: channels before the output layer (CIS 680: 128)")
-    p.add_argument("--ndf", type=int, default=16, help="critic width of its first layer (16 keeps the default run within 10 CPU minutes)")
-    p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
-                   help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
-    p.add_argument("--leaky_slope", type=float, default=0.2,
-                   help="negative slope of the critic's LeakyReLUs (Radford et al.: 0.2; DLCV HW4: 0.1)")
-    p.add_argument("--critic_norm", default=None, choices=["batch", "layer", "none"],
-                   help="normalisation in the critic; default: batch for clip (the DCGAN discriminator), "
-                        "layer for gp (Gulrajani et al. §4; batch norm is refused with gp)")
-    p.add_argument("--clip", type=float, default=0.01,
-                   help="clip mode: weight bound c (Arjovsky et al. Alg. 1: 0.01; the 2018 image-generation assignment: 0.05)")
-    p.add_argument("--gp_weight", type=float, default=10.0, help="gp mode: penalty weight lambda (Gulrajani et al. Alg. 1)")
-    p.add_argument("--n_critic", type=int, default=5, help="critic updates per generator update (both papers' Alg. 1)")
-    p.add_argument("--batch_size", type=int, default=32,
-                   help="images per critic step, over all processes (both papers: 64; 32 gives the default run twice the generator steps)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of both networks; default: 5e-5 RMSprop for clip (Arjovsky et al. Alg. 1), "
-                        "1e-4 Adam for gp (Gulrajani et al. Alg. 1)")
-    p.add_argument("--beta1", type=float, default=None, help="gp mode: Adam beta1; default 0.0 (Gulrajani et al. Alg. 1)")
-    p.add_argument("--beta2", type=float, default=None, help="gp mode: Adam beta2; default 0.9 (Gulrajani et al. Alg. 1)")
-    p.add_argument("--augment", default="translation,cutout",
-                   help="differentiable augmentation of the critic's inputs, real and fake (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
-    p.add_argument("--ema_decay", type=float, default=0.999, help="exponential moving average of G's weights for samples and evaluation (0: off)")
-    p.add_argument("--max_iters", type=int, default=4000, help="generator updates (each after n_critic critic updates)")
-    p.add_argument("--log_interval", type=int, default=100, help="iterations between log.jsonl lines")
-    p.add_argument("--sample_interval", type=int, default=500, help="iterations between sample grids (and curves.png)")
-    p.add_argument("--ckpt_interval", type=int, default=500, help="iterations between checkpoints (one is always written at the end)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto: bfloat16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the generator, and the critic in clip mode only (a compiled graph cannot be differentiated twice, as the penalty needs)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT (default: --out_dir/ckpt.pt) exactly where it stopped")
-    return p.parse_args(argv)
-
-
-# Flags a resumed run may change; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("max_iters", "lr", "log_interval", "sample_interval", "ckpt_interval", "device", "dtype", "compile",
-                       "out_dir", "resume")
-
-# Each mode's defaults, with their sources (the help strings say the same).
-MODE_DEFAULTS = {
-    "clip": dict(lr=5e-5, critic_norm="batch"),  # Arjovsky et al. 2017, Alg. 1; RMSprop has no betas
-    "gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, critic_norm="layer"),  # Gulrajani et al. 2017, Alg. 1 and §4
-}
-
-
-def resolve_mode_defaults(config):
-    """Fill the flags left at None with the defaults of config["mode"]; return an error message or None."""
-    mode = config["mode"]
-    if mode == "clip" and (config["beta1"] is not None or config["beta2"] is not None):
-        return "--beta1/--beta2 set Adam's betas, but --mode clip trains with RMSprop (Arjovsky et al.)"
-    for key, value in MODE_DEFAULTS[mode].items():
-        if config[key] is None:
-            config[key] = value
-    if mode == "gp" and config["critic_norm"] == "batch":
-        return "--critic_norm batch cannot be used with --mode gp: batch norm couples the samples, so the per-sample gradient penalty is wrong; use layer or none"
-    if mode == "gp" and not (0 <= config["beta1"] < 1 and 0 <= config["beta2"] < 1):
-        return f"--beta1 {config['beta1']} and --beta2 {config['beta2']} must be in [0, 1)"
-    return None
-
-
-def main(argv=None):
-    config = vars(get_args(argv))
-    device, rank, world = setup_distributed(config["device"])
-    ddp, master = world > 1, rank == 0
-    ckpt = None
-    if config["resume"]:
-        ckpt, config = resume_config(config, argv)
-        if "log_window" not in ckpt:
-            fail("--resume: the checkpoint comes from an older wgan.py, which did not save its log window; start a new run in another --out_dir")
-    error = resolve_mode_defaults(config)
-    if error:
-        fail(error)
-    check_positive(config, ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "nz", "ngf", "ndf",
-                            "n_critic", "lr", "clip" if config["mode"] == "clip" else "gp_weight"])
-    depth = config["depth"]
-    if depth and config["img_size"] % 2 ** depth:
-        fail(f"--img_size {config['img_size']} is not supported with --depth {depth}: use a multiple of 2^depth = {2 ** depth}")
-    if not depth and config["img_size"] not in (32, 64):
-        fail(f"--img_size {config['img_size']} is not supported by the DCGAN generator and critic: use 32 or 64 (or --depth)")
-    if not 0 <= config["leaky_slope"] < 1:
-        fail(f"--leaky_slope {config['leaky_slope']} must be in [0, 1)")
-    if not 0 <= config["ema_decay"] < 1:
-        fail(f"--ema_decay {config['ema_decay']} must be in [0, 1)")
-    try:
-        policy = augment_policy(config["augment"])
-        train_images, _ = load_images(config["data_dir"], config["dataset"], "train", config["img_size"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    if config["batch_size"] % world:
-        fail(f"--batch_size {config['batch_size']} is not divisible by the {world} processes")
-    config["channels"] = train_images.shape[1]
-    dtype = resolve_dtype(config["dtype"], device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    # conv layers run faster on N x H x W x C tensors (oneDNN on CPU, tensor cores on CUDA)
-    memory_format = torch.channels_last
-    data = train_images.to(device)  # uint8 on the device; batches are drawn by index
-    local_batch = config["batch_size"] // world
-
-    torch.manual_seed(config["seed"] + rank)
-    models = build_models(config)
-    G = models["G"].to(device, memory_format=memory_format)
-    D = models["D"].to(device, memory_format=memory_format)
-    ema_G = copy.deepcopy(G).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
-    if config["mode"] == "clip":
-        opt_G = torch.optim.RMSprop(G.parameters(), lr=config["lr"])
-        opt_D = torch.optim.RMSprop(D.parameters(), lr=config["lr"])
-    else:
-        betas = (config["beta1"], config["beta2"])
-        opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=betas)
-        opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=betas)
-    data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
-    fixed_noise = torch.randn(36, config["nz"], generator=torch.Generator().manual_seed(config["seed"])).to(device)
-    # running sums over the current log window: checkpointed, so a resumed log equals an uninterrupted one
-    window = {k: torch.zeros((), device=device) for k in ("loss_D", "wasserstein", "gp", "loss_G")}
-    window_steps, step = 0, 0
-    if ckpt is not None:
-        G.load_state_dict(ckpt["models"]["G"])
-        D.load_state_dict(ckpt["models"]["D"])
-        if ema_G is not None:
-            ema_G.load_state_dict(ckpt["ema"]["G"])
-        opt_G.load_state_dict(ckpt["optimizers"]["G"])
-        opt_D.load_state_dict(ckpt["optimizers"]["D"])
-        for group in opt_G.param_groups + opt_D.param_groups:
-            group["lr"] = config["lr"]
-        step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
-        window = {k: v.to(device) for k, v in ckpt["log_window"]["sums"].items()}
-        window_steps = ckpt["log_window"]["steps"]
-        if world == 1:  # the saved streams are rank 0's; other ranks keep their own seeds
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            data_gen.set_state(ckpt["rng"]["data"])
-            if device.type == "cuda" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-
-    G_train, D_train = G, D
-    if config["compile"]:
-        G_train = torch.compile(G)
-        if config["mode"] == "clip":  # torch.compile cannot differentiate twice, which the penalty needs
-            D_train = torch.compile(D)
-    if ddp:
-        # The penalty's torch.autograd.grad is taken w.r.t. x_hat, not the weights, so it fires none of
-        # DDP's gradient hooks; the one loss_D.backward() then all-reduces the weights' full gradient,
-        # penalty included (tests/test_wgan.py checks this against a single process).
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        G_train, D_train = DDP(G_train), DDP(D_train)
-    out_dir = config["out_dir"]
-    log_path = prepare_out_dir(config, step) if master else None
-
-    def draw_real_batch():
-        idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
-        return to_unit_range(data[idx]).contiguous(memory_format=memory_format)
-
-    def sample_generator():
-        """The generator the grids and the checkpoint's evaluation use: the EMA one, with its own batch-norm statistics."""
-        if ema_G is None:
-            return G
-        latents = torch.randn(50, local_batch, config["nz"], generator=torch.Generator().manual_seed(config["seed"]))
-        recompute_batchnorm_stats(ema_G, [(z,) for z in latents.to(device)])
-        return ema_G
-
-    def save_samples(generator):
-        was_training = generator.training
-        generator.eval()
-        with torch.no_grad():
-            grid = generator(fixed_noise).float()
-        generator.train(was_training)
-        save_image(grid.add(1).div(2), os.path.join(out_dir, "samples", f"step_{step:06d}.png"), nrow=6, padding=2)
-
-    def checkpoint():
-        return {
-            "script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step,
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            **({"ema": {"G": ema_G.state_dict()}} if ema_G is not None else {}),
-            "optimizers": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
-            "fixed_noise": fixed_noise.cpu(),
-            "log_window": {"sums": {k: v.cpu() for k, v in window.items()}, "steps": window_steps},
-        }
-
-    mode, n_critic, nz = config["mode"], config["n_critic"], config["nz"]
-    t0, timed_steps = time.perf_counter(), 0  # the timer restarts with the process, the window may not
-    while step < config["max_iters"]:
-        # (1) n_critic critic updates: maximise E[D(x)] - E[D(G(z))] (- lambda * penalty), each on fresh fakes
-        for critic_step in range(n_critic):
-            real = draw_real_batch()
-            z = torch.randn(local_batch, nz, device=device)
-            reuse = critic_step == n_critic - 1  # the last fakes keep their graph for G's update
-            with autocast, torch.set_grad_enabled(reuse):
-                fake = G_train(z)
-            with autocast:
-                real_seen, fake_seen = diff_augment(real, policy), diff_augment(fake.detach(), policy)
-                real_scores, fake_scores = D_train(real_seen).float(), D_train(fake_seen).float()
-                # on interpolates of the images the critic sees, augmented as they are
-                penalty = gradient_penalty(D_train, real_seen, fake_seen) if mode == "gp" else torch.zeros((), device=device)
-                loss_D = critic_loss(real_scores, fake_scores, penalty, config["gp_weight"])
-            opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            opt_D.step()
-            if mode == "clip":
-                clip_weights_(D, config["clip"])
-            with torch.no_grad():  # the critic's statistics are averaged over its n_critic updates
-                window["loss_D"] += loss_D.detach() / n_critic
-                window["wasserstein"] += (real_scores.mean() - fake_scores.mean()) / n_critic  # E[D(x)] - E[D(G(z))]
-                window["gp"] += penalty.detach() / n_critic
-
-        # (2) one generator update, on the last critic update's fakes: maximise E[D(G(z))]
-        with autocast:
-            loss_G = generator_loss(D_train(diff_augment(fake, policy)).float())
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
-        if ema_G is not None:
-            update_ema(ema_G, G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
-        step += 1
-
-        with torch.no_grad():
-            window["loss_G"] += loss_G.detach()
-        window_steps += 1
-        timed_steps += 1
-
-        is_last = step == config["max_iters"]
-        is_log = step % config["log_interval"] == 0 or is_last
-        is_sample = master and (step % config["sample_interval"] == 0 or is_last)
-        is_ckpt = step % config["ckpt_interval"] == 0 or is_last
-        if (is_log or is_ckpt) and not all_finite([*window.values(), *G.parameters(), *D.parameters()], ddp):
-            fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {out_dir} is kept; try a lower --lr")
-        if is_log:
-            if master:
-                seconds = time.perf_counter() - t0
-                row = {"step": step, **{k: v.item() / window_steps for k, v in window.items()},
-                       "ms_per_step": 1000 * seconds / timed_steps,
-                       "images_per_s": timed_steps * config["batch_size"] * n_critic / seconds}
-                if device.type == "cuda":
-                    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                write_log_row(log_path, row, config["max_iters"])
-            for v in window.values():
-                v.zero_()
-            window_steps, timed_steps, t0 = 0, 0, time.perf_counter()
-        if master and (is_sample or is_ckpt):
-            generator = sample_generator()
-            if is_sample:
-                save_samples(generator)
-                plot_curves(log_path, os.path.join(out_dir, "curves.png"), [("loss_D", "loss_G"), ("wasserstein",), ("gp",)])
-            if is_ckpt:
-                try:
-                    save_checkpoint(checkpoint(), os.path.join(out_dir, "ckpt.pt"))
-                except OSError as e:
-                    fail(e)
-    if ddp:
-        del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
-        torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

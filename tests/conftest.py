@@ -30,3 +30,16 @@ def tiny_mnist(tmp_path):
         np.save(dst / f"{split}.npy", np.load(src / f"{split}.npy")[::15][:n])
         np.save(dst / f"{split}_labels.npy", np.load(src / f"{split}_labels.npy")[::15][:n])
     return tmp_path / "data"
+
+
+INCEPTION_SKIP = "no FID Inception weights"  # how the reason of a test skipped for want of them starts
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end of the run when tests were skipped for want of the FID Inception weights, and why:
+    pytest -q alone says only how many were skipped."""
+    reasons = [report.longrepr[2] for report in terminalreporter.stats.get("skipped", [])
+               if isinstance(report.longrepr, tuple) and INCEPTION_SKIP in report.longrepr[2]]
+    if reasons:
+        reason = reasons[0].split(INCEPTION_SKIP, 1)[1]
+        terminalreporter.write_line(f"{len(reasons)} tests skipped, {INCEPTION_SKIP}{reason}")

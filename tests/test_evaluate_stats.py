@@ -135,9 +135,9 @@ def test_class_histogram_bar_chart(tmp_path):
     real_labels = torch.arange(200) % 4
     rows = evaluate.class_metrics(torch.full((100,), 2), None, real_labels, 4, 0.99)  # every sample a 2
     path = tmp_path / "run" / "class_histogram.png"
-    rows = evaluate.with_class_chart(rows, real_labels, path, ["zero", "one", "two", "three"])
-    note = dict((name, note) for name, _, note in rows)["class_histogram"]
-    assert str(path) in note and "samples per predicted class" in note
+    counts = dict((name, value) for name, value, _ in rows)["class_histogram"]
+    note = evaluate.draw_class_histogram(counts, real_labels, path, ["zero", "one", "two", "three"])
+    assert note == f"bar chart beside the real mix: {path}"
     image = np.asarray(Image.open(path).convert("RGB")).astype(int)
     orange = (np.abs(image - [255, 127, 14]).sum(-1) < 30).sum()  # the samples' bars (tab:orange)
     gray = (np.abs(image - [127, 127, 127]).sum(-1) < 30).sum()  # the real mix (tab:gray)

@@ -63,7 +63,8 @@ def load(path):
 
 def args(**kw):
     base = dict(pairs=3, steps=5, method="lerp", extrapolate=0, dims=None, range=3.0, n_noise=4, code_range=2.0,
-                seed=0, device=torch.device("cpu"), endpoints="random", fid_json="evaluate.json")
+                seed=0, device=torch.device("cpu"), endpoints="random", fid_json="evaluate.json", script=None,
+                projection="tsne", attr="Male")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -228,7 +229,7 @@ def test_every_grid_has_the_rows_and_columns_asked_for(ckpts, tmp_path, capsys, 
     expected = {"pairs_lerp": (3, 6), "traverse": (2, 4), "pixel": (6, 6)}
     expected.update({"acgan": {"classes": (10, 2)},
                      "infogan": {"code_cat0": (2, 10), "code_cont0": (2, 4), "code_cont1": (2, 4)}}.get(name, {}))
-    assert sorted(written) == sorted(str(out / f"{k}.png") for k in expected)
+    assert sorted(written) == sorted(str(out / f"{k}.png") for k in expected)  # latents.png only when asked for
     for key, shape in expected.items():
         counted, meta = cell_counts(out / f"{key}.png")
         assert counted == shape and meta == shape, key
@@ -248,9 +249,8 @@ def test_bad_requests_end_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
     assert "dimensions 0..7" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "traverse", "--dims", "3,8")
     sr = tmp_path / "sr.pt"  # a script without a latent space, as srgan.py
     torch.save({"script": "srgan", "format": 1, "config": {}, "models": {}}, sr)
-    fake = types.SimpleNamespace(load_models=lambda ckpt, device: {})  # stands in for srgan.py: no training needed
-    monkeypatch.setitem(sys.modules, "srgan", fake)
-    assert "no latent space" in error_line(capsys, "--ckpt", sr)
+    (tmp_path / "fakesr.py").write_text("def load_models(ckpt, device):\n    return {}\n")  # as srgan.py, untrained
+    assert "no latent space" in error_line(capsys, "--ckpt", sr, "--script", tmp_path / "fakesr.py")
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"garbage")
     assert "cannot read checkpoint" in error_line(capsys, "--ckpt", bad)
@@ -343,3 +343,73 @@ def test_compare_refuses_what_it_cannot_draw(ckpts, capsys):
     assert "different latent or image sizes" in line and "latent 8" in line and "latent 6" in line
     assert "--compare needs two or more" in error_line(capsys, "--compare", ckpts["dcgan"])
     assert "either --ckpt or --compare" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--compare", ckpts["dcgan"], ckpts["wgan"])
+
+
+# --- latents: the 2-D map of a VAE's test latents ---------------------------------------------
+
+
+def test_latent_map_pca_and_tsne_paths(monkeypatch, capsys):
+    torch.manual_seed(0)
+    points = torch.randn(200, 6) * torch.tensor([5.0, 1, 1, 1, 3, 1])
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import fails: PCA, saying so in one line
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # (an earlier test may have imported it)
+    xy, method = interpolate.latent_map(points)
+    assert method == "PCA" and xy.shape == (200, 2)
+    assert abs(xy[:, 0].var().item() - 25) < 5 and abs(xy[:, 1].var().item() - 9) < 2.5  # the two widest directions
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "scikit-learn is not installed" in err[0] and "PCA" in err[0]
+    fake = types.ModuleType("sklearn.manifold")
+    fake.TSNE = lambda n, **kw: types.SimpleNamespace(fit_transform=lambda a: a[:, :n].copy())
+    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", fake)
+    xy, method = interpolate.latent_map(points)
+    assert method == "t-SNE" and torch.equal(xy, points[:, :2])
+    assert interpolate.latent_map(points, "pca")[1] == "PCA"  # --projection pca, with scikit-learn installed
+    assert capsys.readouterr().err == ""
+
+
+def test_latent_map_is_a_tsne_of_every_test_image(ckpts, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")  # a requirement (requirements.txt)
+    xy, method = interpolate.latent_map(torch.randn(40, 5))
+    assert method == "t-SNE" and xy.shape == (40, 2)
+    data = tmp_path / "data" / "mnist5k"  # 2,100 test images: more than the 2,000 vae.py's map once took
+    data.mkdir(parents=True)
+    source = ckpts["vae"].parent.parent / "data" / "mnist5k"
+    for name in ("train.npy", "train_labels.npy"):
+        (data / name).write_bytes((source / name).read_bytes())
+    np.save(data / "test.npy", np.tile(np.load(source / "test.npy"), (53, 1, 1, 1))[:2100])
+    np.save(data / "test_labels.npy", np.tile(np.load(source / "test_labels.npy"), 53)[:2100])
+    calls = []
+    monkeypatch.setattr(interpolate, "latent_map", lambda points, method: calls.append((len(points), method)) or (points[:, :2], method))
+    for flags in ([], ["--projection", "pca"]):
+        interpolate.main(["--ckpt", str(ckpts["vae"]), "--mode", "latents", "--data_dir", str(tmp_path / "data"),
+                          "--out_dir", str(tmp_path / "maps"), "--device", "cpu", *flags])
+    assert calls == [(2100, "tsne"), (2100, "pca")]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "maps" / "latents.png")] * 2
+    np.save(data / "test.npy", np.zeros((0, 28, 28, 1), np.uint8))  # no test split: the training images
+    np.save(data / "test_labels.npy", np.zeros(0, np.int64))
+    interpolate.main(["--ckpt", str(ckpts["vae"]), "--mode", "latents", "--data_dir", str(tmp_path / "data"),
+                      "--out_dir", str(tmp_path / "maps"), "--device", "cpu"])
+    assert calls[-1] == (100, "tsne")
+
+
+def test_latents_png_is_coloured_by_label(ckpts, tmp_path, capsys):
+    interpolate.main(["--ckpt", str(ckpts["vae"]), "--mode", "latents", "--projection", "pca", "--out_dir", str(tmp_path),
+                      "--device", "cpu"])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "latents.png")]
+    image = np.asarray(Image.open(tmp_path / "latents.png").convert("RGB")).reshape(-1, 3)
+    assert image.shape[0] == 600 * 550 and len(np.unique(image, axis=0)) > 50  # points in several colours, a colour bar
+    assert not list(tmp_path.glob("*.tmp.png"))
+    assert "needs an encoder" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "latents")
+
+
+def test_latent_map_colours_by_one_attribute(tmp_path):
+    labels = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    config = {"data_dir": str(tmp_path), "dataset": "faces"}
+    assert interpolate.map_labels(labels, config, "Male")[1] == "attribute 0"  # no names: the first column
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "attr_names.json").write_text(json.dumps(["Smiling", "Male", "Young"]))
+    values, name = interpolate.map_labels(labels, config, "Male")
+    assert name == "Male" and values.tolist() == [1, 0]
+    assert interpolate.map_labels(labels, config, "Bald")[1] == "Smiling"
+    assert interpolate.map_labels(torch.tensor([3, 1]), config, "Male")[1] == "label"

@@ -1,4 +1,4 @@
-"""The helpers copied across the model scripts (each script stands alone) must stay identical."""
+"""What the model scripts copy from each other (each script stands alone) must stay identical."""
 import inspect
 import sys
 
@@ -14,24 +14,38 @@ import vae  # noqa: E402
 import wgan  # noqa: E402
 
 SCRIPTS = {"dcgan": dcgan, "wgan": wgan, "cgan": cgan, "srgan": srgan, "vae": vae}
+BANNER = "# Run plumbing, the same in every model script"
+PLUMBING = ["number", "parse_run_flags", "parse_config", "setup_distributed", "train_data", "cpu_computes_bfloat16",
+            "time_trial", "choose_precision", "fixed_randn", "restore", "check_finite", "save_checkpoint", "load_models",
+            "prepare_out_dir", "accumulate", "write_log_row", "plot_curves", "fail"]
+USED_BY = {name: list(SCRIPTS) for name in ["load_images", "resize_uint8"]}
+USED_BY.update({name: ["dcgan", "wgan", "cgan"] for name in ["augment_color", "augment_translation", "augment_cutout",
+                                                              "diff_augment", "augment_policy", "to_unit_range"]})
+USED_BY.update({"update_ema": ["dcgan", "wgan", "cgan", "srgan"], "gradient_penalty": ["wgan", "srgan"]})
 
-EVERY_SCRIPT = ["load_images", "resize_uint8", "save_checkpoint", "load_checkpoint", "plot_curves", "truncate_log", "fail",
-                "resolve_device", "cpu_computes_bfloat16", "resolve_dtype", "setup_distributed", "typed_flags",
-                "resume_config", "prepare_out_dir", "check_positive", "all_finite", "format_time", "write_log_row"]
-GAN_SCRIPTS = ["augment_color", "augment_translation", "augment_cutout", "diff_augment", "augment_policy", "update_ema",
-               "recompute_batchnorm_stats"]
-USED_BY = {name: list(SCRIPTS) for name in EVERY_SCRIPT}
-USED_BY.update({name: ["dcgan", "wgan", "cgan"] for name in GAN_SCRIPTS})
-USED_BY.update({"update_ema": ["dcgan", "wgan", "cgan", "srgan"], "recompute_batchnorm_stats": ["dcgan", "wgan", "cgan", "srgan"],
-                "to_unit_range": ["dcgan", "wgan", "cgan"]})
+
+def plumbing(script):
+    source = (REPO / f"{script}.py").read_text()
+    assert source.count(BANNER) == 1, f"{script}.py has no single run-plumbing banner"
+    return source[source.index(BANNER):]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_run_plumbing_is_identical_and_comes_last(script):
+    assert plumbing(script) == plumbing("dcgan")
+    body = plumbing(script)
+    for name in PLUMBING:
+        assert f"\ndef {name}(" in body, name
+    main_at = (REPO / f"{script}.py").read_text().index("\ndef main(")
+    assert main_at < (REPO / f"{script}.py").read_text().index(BANNER)  # the reader meets main before the plumbing
 
 
 @pytest.mark.parametrize("helper", sorted(USED_BY))
 def test_copied_helpers_are_identical(helper):
     sources = {script: inspect.getsource(getattr(SCRIPTS[script], helper)) for script in USED_BY[helper]}
-    reference = sources["dcgan"]
+    reference = sources[USED_BY[helper][0]]
     drifted = [script for script, source in sources.items() if source != reference]
-    assert not drifted, f"{helper} differs from dcgan.py's in {drifted}"
+    assert not drifted, f"{helper} differs from {USED_BY[helper][0]}.py's in {drifted}"
 
 
 def test_augmentations_table_is_identical():

@@ -49,10 +49,28 @@ def main_error(capsys, *args):
     return lines[0]
 
 
-def read_log(out_dir):
-    """The complete rows of log.jsonl (a run being killed may have half-written the last one)."""
+def read_log(out_dir, key="loss_D"):
+    """The complete rows of log.jsonl holding `key` (a run being killed may have half-written the last one): the
+    losses' rows by default, key="test_mse" for the test rows, None for every row."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    return [r for r in rows if key is None or key in r]
+
+
+def strip_columns(path):
+    """The 64 x 64 cells of progress_strip.png (below its label line) as uint8 tensors, and their count."""
+    from PIL import Image
+    strip = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+    assert strip.shape[0] == 64 + 18 and (strip.shape[1] - 2) % 66 == 0, strip.shape
+    return [strip[16:80, 2 + 66 * i:66 + 66 * i] for i in range((strip.shape[1] - 2) // 66)]
+
+
+def grid_cell(path, k):
+    """Cell k (row-major) of a saved 6-wide sample grid."""
+    from PIL import Image
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+    row, col = divmod(k, 6)
+    return grid[2 + 66 * row:66 + 66 * row, 2 + 66 * col:66 + 66 * col]
 
 
 # --- architecture --------------------------------------------------------------------------
@@ -183,19 +201,33 @@ def test_gradient_penalty_of_a_linear_critic():
     assert torch.allclose(w.grad, 2 * (w.norm() - 1) * w / w.norm(), rtol=1e-4)
 
 
+def test_gradient_penalty_is_taken_between_real_and_fake_at_eps():
+    # critic(x) = ||x||^2 / 2 has gradient x: at eps = 1 the penalty sees only the real images, at eps = 0 only the
+    # generated ones, and no gradient flows back into G's output
+    critic = lambda x: x.pow(2).flatten(1).sum(1) / 2  # noqa: E731
+    real, fake = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4, requires_grad=True)
+    norms = {"real": real.flatten(1).norm(dim=1), "fake": fake.detach().flatten(1).norm(dim=1)}
+    for eps, side in ((torch.ones(3, 1, 1, 1), "real"), (torch.zeros(3, 1, 1, 1), "fake")):
+        gp = srgan.gradient_penalty(critic, real, fake, eps)
+        assert gp.item() == pytest.approx((norms[side] - 1).pow(2).mean().item(), rel=1e-5)
+    srgan.gradient_penalty(critic, real, fake).backward()
+    assert fake.grad is None
+
+
 def test_degrade_is_downsample_then_bilinear_upsample():
     x = torch.rand(3, 1, 64, 64)
-    area = srgan.degrade(x, {"down": "area", "low_size": 16})
+    area = srgan.degrade(x, config(down="area"))
     manual = F.interpolate(F.avg_pool2d(x, 4), size=64, mode="bilinear", align_corners=False)
     assert torch.allclose(area, manual, atol=1e-6)
     for down in ("bilinear", "bicubic", "nearest"):
-        y = srgan.degrade(x, {"down": down})
+        y = srgan.degrade(x, config(down=down))
         assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
-    assert torch.allclose(srgan.degrade(torch.full((1, 3, 64, 64), 0.3), {}), torch.tensor(0.3))
+    assert torch.allclose(srgan.degrade(torch.full((1, 3, 64, 64), 0.3), config()), torch.tensor(0.3))
     # a one-pixel checkerboard is lost by the antialiased filter (the detail G must restore), kept aliased by nearest
     checker = (torch.arange(64)[:, None] + torch.arange(64)[None]).remainder(2).float().expand(1, 1, 64, 64)
-    assert (srgan.degrade(checker, {}) - 0.5).abs().max() < 0.02
-    assert torch.equal(srgan.degrade(checker, {"down": "nearest"}), torch.zeros(1, 1, 64, 64))
+    assert (srgan.degrade(checker, config()) - 0.5).abs().max() < 0.02
+    assert torch.equal(srgan.degrade(checker, config(down="nearest")), torch.zeros(1, 1, 64, 64))
+    assert srgan.degrade(x, config(low_size=8)).sub(srgan.degrade(x, config())).abs().max() > 0.01  # --low_size counts
 
 
 # --- training runs -------------------------------------------------------------------------
@@ -208,14 +240,17 @@ def test_training_writes_every_output(tiny_mnist, tmp_path):
     for name in ("ckpt.pt", "log.jsonl", "curves.png", "config.json", "progress_strip.png", "triplets.png",
                  "samples/step_000003.png", "samples/step_000006.png"):
         assert (out / name).exists(), name
-    rows = read_log(out)
-    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    every = read_log(out, None)
+    assert [(r["step"], "test_mse" in r) for r in every] == [(2, False), (3, True), (4, False), (6, True), (6, False)]
+    rows = read_log(out)  # the losses' rows; at a sample step the test row comes first, the losses' row stays last
+    assert [r["step"] for r in rows] == [2, 4, 6]
     assert {"loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y", "ms_per_step", "images_per_s"} <= set(rows[0])
-    assert "test_mse" not in rows[0] and 0 < rows[1]["test_mse"] and 0 < rows[1]["baseline_mse"] < 0.05
+    rows = read_log(out, "test_mse")
+    assert set(rows[0]) == {"step", "test_mse", "baseline_mse"}
+    assert 0 < rows[0]["test_mse"] and 0 < rows[0]["baseline_mse"] < 0.05
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["script"] == "srgan" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
-    assert ckpt["progress"]["steps"] == [3, 6] and ckpt["progress"]["frames"][0].shape == (1, 64, 64)
+    assert ckpt["script"] == "srgan" and ckpt["format"] == 2 and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
     models = srgan.load_models(ckpt, "cpu")
     truth = srgan.real_images(ckpt["config"], "test")[0][:4].float() / 255
     assert truth.shape == (4, 1, 64, 64)
@@ -232,6 +267,12 @@ def test_training_writes_every_output(tiny_mnist, tmp_path):
     assert Image.open(out / "samples/step_000006.png").size == (6 * 66 + 2, 6 * 66 + 2)  # 6x6 grid, 2 px padding
     assert Image.open(out / "triplets.png").size == (3 * 66 + 2, 10 * 66 + 2)  # 10 rows: input | output | truth
     assert Image.open(out / "progress_strip.png").size == (4 * 66 + 2, 66 + 2 + 14)  # input, steps 3 and 6, truth
+    # the strip is cut from the grids: the first fixed image's input, its output at each sample step, its truth
+    cells = strip_columns(out / "progress_strip.png")
+    first, last = out / "samples/step_000003.png", out / "samples/step_000006.png"
+    expected = [grid_cell(last, 0), grid_cell(first, 1), grid_cell(last, 1), grid_cell(last, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(cells, expected))
+    assert not torch.equal(cells[1], cells[2])  # G changed between the two sample steps
 
 
 def test_ema_generator_is_saved_and_loaded(tiny_mnist, tmp_path):
@@ -241,8 +282,8 @@ def test_ema_generator_is_saved_and_loaded(tiny_mnist, tmp_path):
     ema, trained = ckpt["ema"]["G"], ckpt["models"]["G"]
     assert ema.keys() == trained.keys()
     assert any(not torch.equal(ema[k], trained[k]) for k in ema if k.endswith("weight"))  # averaged weights
-    # their own batch-norm statistics: the plain average over 50 batches of degraded training images
-    assert all(ema[k].item() == 50 for k in ema if k.endswith("num_batches_tracked"))
+    # their own batch-norm statistics: the plain average over 10 fixed batches of degraded training images
+    assert all(ema[k].item() == 10 for k in ema if k.endswith("num_batches_tracked"))
     assert all(not torch.equal(ema[k], trained[k]) and ema[k].abs().sum() > 0 for k in ema if k.endswith("running_mean"))
     loaded = srgan.load_models(ckpt, "cpu")["G"].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)  # evaluate.py and interpolate.py get the EMA generator
@@ -250,7 +291,7 @@ def test_ema_generator_is_saved_and_loaded(tiny_mnist, tmp_path):
     plain = tmp_path / "plain"
     run_main("--data_dir", tiny_mnist, "--out_dir", plain, "--max_iters", "4", "--log_interval", "2", "--ema_decay", "0", *TINY)
     ckpt = torch.load(plain / "ckpt.pt", weights_only=True)
-    assert "ema" not in ckpt
+    assert ckpt["ema"] == {}
     loaded = srgan.load_models(ckpt, "cpu")["G"].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["models"]["G"].items())
 
@@ -260,7 +301,7 @@ def test_sampling_leaves_the_training_streams_untouched(tiny_mnist, tmp_path):
     common = ["--data_dir", tiny_mnist, "--max_iters", "6", "--log_interval", "1", *TINY, *F32]
     run_main("--out_dir", tmp_path / "often", "--sample_interval", "2", "--ckpt_interval", "2", *common)
     run_main("--out_dir", tmp_path / "once", "--sample_interval", "100", "--ckpt_interval", "100", *common)
-    often, once = read_log(tmp_path / "often"), read_log(tmp_path / "once")
+    often, once = read_log(tmp_path / "often"), read_log(tmp_path / "once")  # the losses' rows
     assert len(often) == len(once) == 6
     for a, b in zip(often, once):
         assert (a["loss_D"], a["loss_G"]) == (b["loss_D"], b["loss_G"]), a["step"]
@@ -276,7 +317,7 @@ def test_one_generator_forward_per_iteration(tiny_mnist, tmp_path, monkeypatch):
         return forward(self, x)
 
     monkeypatch.setattr(srgan.UNetGenerator, "forward", counted)
-    run_main("--data_dir", tiny_mnist, "--out_dir", tmp_path / "run", "--max_iters", "5", *TINY)
+    run_main("--data_dir", tiny_mnist, "--out_dir", tmp_path / "run", "--max_iters", "5", *TINY, *F32)
     assert training_calls == [8] * 5  # D's update and G's update share one forward of the batch
 
 
@@ -298,7 +339,7 @@ def test_bfloat16_trains(tiny_mnist, tmp_path):
     bf16, f32 = read_log(tmp_path / "bf16"), read_log(tmp_path / "f32")
     assert [r["step"] for r in bf16] == [1, 2, 3]
     assert all(math.isfinite(r[k]) for r in bf16 for k in ("loss_D", "loss_G", "recon", "adv"))
-    assert 0 < bf16[-1]["test_mse"] < 1
+    assert 0 < read_log(tmp_path / "bf16", "test_mse")[-1]["test_mse"] < 1
     assert bf16[0]["loss_D"] != f32[0]["loss_D"]  # autocast really ran in bfloat16
     assert abs(bf16[0]["recon"] - f32[0]["recon"]) < 0.05 * f32[0]["recon"]  # and computed the same thing
     ckpt = torch.load(tmp_path / "bf16" / "ckpt.pt", weights_only=True)
@@ -315,7 +356,7 @@ def test_srgan_learns_to_beat_bilinear(tiny_mnist, tmp_path):
     model_mse = (srgan.upscale(srgan.load_models(ckpt, "cpu"), low) - truth).pow(2).mean().item()
     bilinear_mse = (low - truth).pow(2).mean().item()
     assert model_mse < bilinear_mse, (model_mse, bilinear_mse)
-    assert read_log(out)[-1]["test_mse"] == pytest.approx(model_mse, rel=1e-4)
+    assert read_log(out, "test_mse")[-1]["test_mse"] == pytest.approx(model_mse, rel=1e-4)
 
 
 def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
@@ -341,10 +382,17 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
     rows = read_log(killed)
     assert [r["step"] for r in rows] == list(range(1, 41))  # lines after the checkpoint were replaced, not duplicated
     for r in rows:
-        for key in ("loss_D", "loss_G", "recon", "adv", "test_mse"):
+        for key in ("loss_D", "loss_G", "recon", "adv"):
             assert r.get(key) == expected[r["step"]].get(key), (r["step"], key)
+    assert read_log(killed, "test_mse") == read_log(straight, "test_mse") and len(read_log(straight, "test_mse")) == 3
+    assert sorted(os.listdir(killed / "samples")) == ["step_000015.png", "step_000030.png", "step_000040.png"]
+    # the resumed run's strip has a column for every sample step, those before the resume too, in order
+    cells = strip_columns(killed / "progress_strip.png")
+    assert len(cells) == 5  # input, steps 15, 30, 40, truth
+    assert all(torch.equal(a, b) for a, b in zip(cells, strip_columns(straight / "progress_strip.png")))
+    assert [torch.equal(cells[1 + i], grid_cell(killed / f"samples/step_{s:06d}.png", 1))
+            for i, s in enumerate((15, 30, 40))] == [True] * 3
     resumed, reference = (torch.load(d / "ckpt.pt", weights_only=True) for d in (killed, straight))
-    assert resumed["progress"]["steps"] == [15, 30, 40]
     for part in ("models", "ema"):
         for name, state in reference[part].items():
             assert state.keys() == resumed[part][name].keys()
@@ -355,9 +403,9 @@ def test_log_after_resume_between_log_steps_equals_uninterrupted(tiny_mnist, tmp
     # keep a copy of every checkpoint, to resume from step 3 while the log window (steps 1-3 of 4) is open
     save = srgan.save_checkpoint
 
-    def save_and_keep(ckpt, path):
-        save(ckpt, path)
-        shutil.copy(path, tmp_path / f"step{ckpt['step']}.pt")
+    def save_and_keep(config, step, *args):
+        save(config, step, *args)
+        shutil.copy(os.path.join(config["out_dir"], "ckpt.pt"), tmp_path / f"step{step}.pt")
 
     monkeypatch.setattr(srgan, "save_checkpoint", save_and_keep)
     common = ["--data_dir", tiny_mnist, "--max_iters", "8", "--log_interval", "4", "--ckpt_interval", "3",
@@ -367,8 +415,10 @@ def test_log_after_resume_between_log_steps_equals_uninterrupted(tiny_mnist, tmp
     straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
     assert [r["step"] for r in straight] == [r["step"] for r in resumed] == [4, 8]
     for a, b in zip(straight, resumed):
-        for key in ("loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y", "test_mse", "baseline_mse"):
+        for key in ("loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y"):
             assert a.get(key) == b.get(key), (a["step"], key)
+    assert read_log(tmp_path / "straight", "test_mse") == read_log(tmp_path / "resumed", "test_mse")
+    assert [r["step"] for r in read_log(tmp_path / "resumed", "test_mse")] == [8]
 
 
 def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys):
@@ -392,11 +442,11 @@ def test_empty_test_split_shows_training_images(tiny_mnist, tmp_path, capsys):
     capsys.readouterr()
     run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--log_interval", "2", "--sample_interval", "2", *TINY)
     assert "test split of 'mnist5k' is empty" in capsys.readouterr().out
-    rows = read_log(out)
+    rows = read_log(out, None)
     assert [r["step"] for r in rows] == [2, 4] and not any("test_mse" in r for r in rows)
     from PIL import Image
     assert Image.open(out / "samples/step_000004.png").size == (6 * 66 + 2, 6 * 66 + 2)  # 12 training images
-    assert torch.load(out / "ckpt.pt", weights_only=True)["progress"]["steps"] == [2, 4]
+    assert len(strip_columns(out / "progress_strip.png")) == 4  # input, steps 2 and 4, truth
 
 
 def test_torchrun_two_processes(tiny_mnist, tmp_path):
@@ -410,30 +460,34 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     assert ckpt["step"] == 3
     assert not any(k.startswith("module.") for k in ckpt["models"]["G"])  # saved without the DDP wrapper
     assert "G" in ckpt["ema"]
-    assert len(read_log(out)) == 3  # only rank 0 writes
+    assert len(read_log(out)) == 3 and len(read_log(out, "test_mse")) == 1  # only rank 0 writes
 
 
 # --- checkpoints and bad input -------------------------------------------------------------
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    srgan.save_checkpoint({"step": 1}, path)
+    state = {"models": {"G": nn.Linear(2, 2)}, "optimizers": {}, "ema": {}}
+    config, data_gen = {"out_dir": str(tmp_path)}, torch.Generator()
+    srgan.save_checkpoint(config, 1, state, data_gen, {}, True)
+    original_open = open
 
-    def torn_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
-        raise KeyboardInterrupt  # killed mid-write
+    def torn_open(path, mode="r", *args, **kwargs):
+        f = original_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith(".tmp"):
+            f.write(b"PK\x03\x04 half a file")
+            raise KeyboardInterrupt  # killed mid-write
+        return f
 
-    monkeypatch.setattr(torch, "save", torn_save)
+    monkeypatch.setattr("builtins.open", torn_open)
     with pytest.raises(KeyboardInterrupt):
-        srgan.save_checkpoint({"step": 2}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1
+        srgan.save_checkpoint(config, 2, state, data_gen, {}, True)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
 
 
 def test_load_models_refuses_another_scripts_checkpoint():
-    with pytest.raises(ValueError, match="not a srgan checkpoint"):
-        srgan.load_models({"script": "dcgan", "format": 1, "config": {}}, "cpu")
+    with pytest.raises(ValueError, match="not a format-2 srgan checkpoint"):
+        srgan.load_models({"script": "dcgan", "format": 2, "config": {}}, "cpu")
 
 
 def test_missing_dataset_names_prepare_command(tmp_path, capsys):
@@ -470,7 +524,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, cap
                                         ("beta1", "1"), ("ema_decay", "1")])
 def test_bad_sizes_and_counts_stop_with_one_line(tiny_mnist, tmp_path, capsys, flag, value):
     line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", *TINY, f"--{flag}", value)
-    assert line.startswith("srgan.py: error: ") and f"--{flag} {value}" in line
+    assert line.startswith("srgan.py: error: ") and f"--{flag}" in line and value in line
     assert not (tmp_path / "o").exists()
 
 
@@ -505,16 +559,18 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_mnist, tmp_path, capsys)
     torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5}, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
     line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
-    assert "is not a srgan checkpoint but a dcgan one" in line
+    assert "is not a format-2 srgan checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == before and sorted(os.listdir(out)) == ["ckpt.pt"]
 
 
 def test_shared_helpers_are_dcgans_verbatim():
     import dcgan
-    for name in ("load_images", "resize_uint8", "real_images", "save_checkpoint", "load_checkpoint", "plot_curves",
-                 "truncate_log", "fail", "resolve_device", "cpu_computes_bfloat16", "resolve_dtype", "setup_distributed",
-                 "typed_flags", "resume_config", "prepare_out_dir", "check_positive", "all_finite", "format_time",
-                 "write_log_row", "update_ema", "recompute_batchnorm_stats", "load_models"):
+    banner = "# Run plumbing, the same in every model script"
+    ours, theirs = ((REPO / f"{name}.py").read_text() for name in ("srgan", "dcgan"))
+    assert ours.count(banner) == 1 and ours.split(banner)[1] == theirs.split(banner)[1]
+    for name in ("load_images", "resize_uint8", "real_images", "update_ema", "init_weights", "number", "parse_run_flags",
+                 "parse_config", "setup_distributed", "train_data", "choose_precision", "restore", "check_finite",
+                 "save_checkpoint", "load_models", "prepare_out_dir", "accumulate", "write_log_row", "plot_curves"):
         assert inspect.getsource(getattr(srgan, name)) == inspect.getsource(getattr(dcgan, name)), name
 
 
@@ -525,3 +581,146 @@ def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
     shutil.copytree(tiny_mnist, alone / "data")
     run_script("srgan.py", "--max_iters", "2", *TINY, cwd=alone)
     assert (alone / "out" / "srgan" / "ckpt.pt").exists()
+
+
+# --- the run plumbing's guarantees, through srgan's main -----------------------------------
+
+
+def test_old_format_checkpoint_is_refused(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "1", *TINY)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["format"] = 1
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "2", "--resume", *TINY)
+    assert "not a format-2 srgan checkpoint" in line
+    assert (out / "ckpt.pt").read_bytes() == before
+    with pytest.raises(ValueError, match="format-2"):
+        srgan.load_models(ckpt, "cpu")
+
+
+def poison_first(module_type, tensor_name):
+    """A function setting the first element of `tensor_name` of the first `module_type` of a model to NaN."""
+    def poison(model):
+        module = next(m for m in model.modules() if isinstance(m, module_type))
+        getattr(module, tensor_name).data.view(-1)[0] = float("nan")
+    return poison
+
+
+@pytest.mark.parametrize("where", ["D_batchnorm_buffer", "ema_weights", "ema_batchnorm_statistics"])
+def test_non_finite_state_never_reaches_a_checkpoint(tiny_mnist, tmp_path, capsys, monkeypatch, where):
+    # the losses stay finite: only what a checkpoint saves is poisoned, and the save refuses it
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--ckpt_interval", "2", "--log_interval", "1",
+              "--sample_interval", "100", *TINY, *F32]
+    run_main("--max_iters", "2", *common)
+    good = (out / "ckpt.pt").read_bytes()
+    if where == "D_batchnorm_buffer":  # D's batch norm keeps a NaN running mean; training uses batch statistics
+        build = srgan.build_models
+
+        def build_poisoned(config):
+            models = build(config)
+            models["D"].register_forward_hook(lambda m, i, o: poison_first(nn.BatchNorm2d, "running_mean")(m))
+            return models
+        monkeypatch.setattr(srgan, "build_models", build_poisoned)
+    elif where == "ema_weights":
+        update, poison = srgan.update_ema, poison_first(nn.Conv2d, "weight")
+        monkeypatch.setattr(srgan, "update_ema", lambda ema, model, decay: (update(ema, model, decay), poison(ema)))
+    else:  # the statistics recomputed for the averaged weights
+        recompute, poison = srgan.update_bn, poison_first(nn.BatchNorm2d, "running_var")
+        monkeypatch.setattr(srgan, "update_bn", lambda batches, model: (recompute(batches, model), poison(model)))
+    line = main_error(capsys, "--max_iters", "4", "--resume", *common)
+    assert "non-finite loss or weights by step 4" in line
+    assert all(math.isfinite(r["loss_D"]) and math.isfinite(r["loss_G"]) for r in read_log(out))
+    assert (out / "ckpt.pt").read_bytes() == good and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_D_is_frozen_during_Gs_update(tiny_mnist, tmp_path, monkeypatch):
+    # at G's optimiser step D's gradients are still exactly those of D's own loss: G's loss added none
+    models, seen = {}, []
+    build, adam_step = srgan.build_models, torch.optim.Adam.step
+    monkeypatch.setattr(srgan, "build_models", lambda config: models.update(build(config)) or models)
+
+    def recording_step(self, *args, **kwargs):
+        D = list(models["D"].parameters())
+        name = "D" if self.param_groups[0]["params"][0] is D[0] else "G"
+        seen.append((name, [p.grad.clone() for p in D], [p.requires_grad for p in D]))
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    run_main("--data_dir", tiny_mnist, "--out_dir", tmp_path / "run", "--max_iters", "3", *TINY, *F32)
+    assert [name for name, _, _ in seen] == ["D", "G"] * 3
+    for (_, after_D, trainable_D), (_, after_G, trainable_G) in zip(seen[::2], seen[1::2]):
+        assert all(torch.equal(a, b) for a, b in zip(after_D, after_G))
+        assert all(trainable_D) and not any(trainable_G)  # frozen in G's update, unfrozen for D's
+    assert all(p.requires_grad for p in models["D"].parameters())
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_dtype_auto_takes_the_faster_of_a_timed_trial(tiny_mnist, tmp_path, monkeypatch, faster):
+    trials = []
+
+    def fake_trial(step, device, dtype, repeats=3):
+        step()  # the trial step runs (on copies of the networks)
+        trials.append(dtype)
+        return 1.0 if dtype == faster else 2.0
+
+    monkeypatch.setattr(srgan, "cpu_computes_bfloat16", lambda: True)
+    monkeypatch.setattr(srgan, "time_trial", fake_trial)
+    out = tmp_path / "run"
+    run_main("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "2", "--log_interval", "1", *TINY)
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(trials) == ["bfloat16", "float32"] and config["dtype"] == "auto" and config["precision"] == faster
+    assert config["dtype_trial_ms"] == {"float32": 1.0 if faster == "float32" else 2.0,
+                                        "bfloat16": 1.0 if faster == "bfloat16" else 2.0}
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    # the trial leaves the training streams alone: float32 by trial equals float32 asked for
+    if faster == "float32":
+        run_main("--data_dir", tiny_mnist, "--out_dir", tmp_path / "f32", "--max_iters", "2", "--log_interval", "1",
+                 *TINY, *F32)
+        assert [r["loss_D"] for r in read_log(out)] == [r["loss_D"] for r in read_log(tmp_path / "f32")]
+
+
+INT_FLAGS = ["batch_size", "max_iters", "log_interval", "sample_interval", "ckpt_interval", "seed", "img_size",
+             "low_size", "ngf", "ndf", "eval_images"]
+FLOAT_FLAGS = ["lr", "beta1", "beta2", "ema_decay", "gp_weight", "recon_weight", "adv_weight"]
+
+
+def test_every_numeric_flag_takes_zero_minus_one_and_a_billion_without_a_traceback(tiny_mnist, tmp_path, capsys,
+                                                                                    monkeypatch):
+    # each value ends in a normal run or in exactly one line on stderr and a non-zero exit; in this process, where
+    # fail() raises SystemExit and anything else would be a traceback (curves.png, the slow part, is left out)
+    monkeypatch.setattr(srgan, "plot_curves", lambda *args: None)
+    flags = vars(srgan.get_args([]))
+    assert set(INT_FLAGS) == {k for k, v in flags.items() if type(v) is int}  # every numeric flag is fuzzed
+    assert set(FLOAT_FLAGS) == {k for k, v in flags.items() if type(v) is float}
+    outcomes = {}
+    for flag in INT_FLAGS + FLOAT_FLAGS:
+        values = ["0", "-1", "1e9"] + (["1000000000"] if flag in INT_FLAGS else [])
+        for value in values:
+            if flag == "max_iters" and value == "1000000000":
+                continue  # a run of a billion steps: below, in a process of its own
+            out = tmp_path / f"{flag}{value}"
+            argv = ["--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "2", "--log_interval", "1", *TINY,
+                    *(["--gan_loss", "wgan-gp"] if flag == "gp_weight" else []), f"--{flag}", value]
+            capsys.readouterr()
+            try:
+                run_main(*argv)
+                outcomes[flag, value] = "ran"
+                assert (out / "ckpt.pt").exists(), (flag, value)
+            except SystemExit as e:
+                err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+                assert e.code != 0 and len(err) == 1 and err[0].startswith("srgan.py: error: "), (flag, value, err)
+                outcomes[flag, value] = "refused"
+    assert outcomes["batch_size", "1000000000"] == outcomes["ngf", "1000000000"] == "refused"
+    assert outcomes["lr", "0"] == outcomes["ngf", "-1"] == outcomes["img_size", "1000000000"] == "refused"
+    assert outcomes["seed", "-1"] == outcomes["eval_images", "1000000000"] == outcomes["ema_decay", "0"] == "ran"
+
+    proc = subprocess.Popen([sys.executable, "srgan.py", "--data_dir", tiny_mnist, "--out_dir", tmp_path / "long",
+                             "--max_iters", "1000000000", *TINY], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(subprocess.TimeoutExpired):  # a billion steps: still training after a few seconds
+        proc.communicate(timeout=8)
+    proc.kill()
+    assert "Traceback" not in proc.communicate()[1]

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -45,9 +44,11 @@ def mnist_batch(n=32, size=28):
 
 def test_defaults_follow_the_handouts():
     args = vae.get_args([])
-    assert (args.arch, args.dataset, args.img_size, args.hidden, args.latent_dim) == ("mlp", "mnist5k", None, 400, 20)
+    assert (args.arch, args.dataset, args.img_size, args.hidden, args.latent_dim) == ("mlp", "mnist5k", 28, 400, 20)
     assert (args.recon, args.kl_weight, args.batch_size, args.lr, args.beta1, args.iw_k) == ("bce", 1.0, 64, 2e-4, 0.5, 1)
-    assert args.latent_map == "tsne"
+    assert (args.sample_interval, args.ckpt_interval, args.max_iters) == (2000, 2000, 20000)
+    assert vae.get_args(["--arch", "conv"]).img_size == 32
+    assert not hasattr(args, "latent_map") and not hasattr(args, "map_attr")  # the latent map is interpolate.py's
 
 
 def test_mlp_is_table_1():
@@ -104,9 +105,9 @@ def test_decoder_output_layer_runs_in_float32_under_bfloat16_autocast(arch):
     z = torch.randn(3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         decoded = decoder(z)
-        hidden = decoder.net[:-1](z if arch == "mlp" else decoder.fc(z).view(-1, *decoder.start))
+        hidden = decoder.net(decoder.fc(z).view(-1, *decoder.start))
     assert hidden.dtype == torch.bfloat16 and decoded.dtype == torch.float32  # the mean needs more than 8 bits
-    assert torch.equal(decoded, decoder.net[-1](hidden.float()).view(decoded.shape))
+    assert torch.equal(decoded, decoder.out(hidden.float()).view(decoded.shape))
 
 
 def test_dlcv_face_model():
@@ -425,37 +426,6 @@ def test_encode_with_a_flow_gives_the_decoders_code():
     assert torch.allclose(logvar, logvar0)  # the base Gaussian's
 
 
-def test_latent_map_pca_and_tsne_paths(monkeypatch):
-    torch.manual_seed(0)
-    points = torch.randn(200, 6) * torch.tensor([5.0, 1, 1, 1, 3, 1])
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # import fails: PCA
-    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # (an earlier test may have imported it)
-    xy, method = vae.latent_map(points)
-    assert method == "PCA" and xy.shape == (200, 2)
-    assert abs(xy[:, 0].var().item() - 25) < 5 and abs(xy[:, 1].var().item() - 9) < 2.5  # the two widest directions
-    fake = types.ModuleType("sklearn.manifold")
-    fake.TSNE = lambda n, **kw: types.SimpleNamespace(fit_transform=lambda a: a[:, :n].copy())
-    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
-    monkeypatch.setitem(sys.modules, "sklearn.manifold", fake)
-    xy, method = vae.latent_map(points)
-    assert method == "t-SNE" and torch.equal(xy, points[:, :2])
-    assert vae.latent_map(points, "pca")[1] == "PCA"  # --latent_map pca, with scikit-learn installed
-
-
-def test_latent_map_is_a_tsne_of_every_test_image(tiny_mnist, tmp_path, monkeypatch):
-    pytest.importorskip("sklearn")  # a requirement (requirements.txt)
-    xy, method = vae.latent_map(torch.randn(40, 5))
-    assert method == "t-SNE" and xy.shape == (40, 2)
-    folder = tiny_mnist / "mnist5k"  # 2,100 test images: more than the 2,000 the map once took
-    np.save(folder / "test.npy", np.tile(np.load(folder / "test.npy"), (33, 1, 1, 1))[:2100])
-    np.save(folder / "test_labels.npy", np.tile(np.load(folder / "test_labels.npy"), 33)[:2100])
-    calls = []
-    monkeypatch.setattr(vae, "latent_map", lambda points, method: calls.append((len(points), method)) or (points[:, :2], method))
-    for flags in ([], ["--latent_map", "pca"]):
-        vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(tmp_path / "run"), "--max_iters", "1", *flags, *TINY])
-    assert calls == [(2100, "tsne"), (2100, "pca")]
-
-
 # --- training runs -------------------------------------------------------------------------
 
 
@@ -480,8 +450,9 @@ def test_copied_alone_next_to_its_data_writes_every_output(tiny_mnist, tmp_path)
                       "--lr", "1e-3", *TINY, cwd=alone)
     out = alone / "out" / "vae"
     for name in ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "curves.png", "config.json", "samples/step_000003.png",
-                 "samples/step_000006.png", "reconstructions/step_000003.png", "reconstructions/step_000006.png", "latents.png"):
+                 "samples/step_000006.png", "reconstructions/step_000003.png", "reconstructions/step_000006.png"):
         assert (out / name).exists(), name
+    assert not (out / "latents.png").exists()  # interpolate.py --mode latents draws it
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 3, 4, 6]
     assert {"loss", "recon", "kl", "ms_per_step", "images_per_s"} <= set(rows[0])
@@ -492,7 +463,10 @@ def test_copied_alone_next_to_its_data_writes_every_output(tiny_mnist, tmp_path)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     best = torch.load(out / "ckpt_best.pt", weights_only=True)
     assert ckpt["script"] == "vae" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
-    assert best["step"] in (3, 6) and best["best_test_mse"] == min(r["test_mse"] for r in rows if "test_mse" in r)
+    best_mse = min(r["test_mse"] for r in rows if "test_mse" in r)
+    assert best["step"] in (3, 6) and best["records"]["best"]["test_mse"] == best_mse
+    assert [r["test_mse"] for r in rows if r["step"] == best["step"]] == [best_mse]
+    assert ckpt["records"]["best"]["test_mse"] == best_mse and best["log_window"] == {}  # its row was written
     check_interface(ckpt, 28)
     from PIL import Image
     assert Image.open(out / "samples/step_000006.png").size == (6 * 30 + 2, 6 * 30 + 2)  # 6x6 grid, 2 px padding
@@ -640,9 +614,9 @@ def test_log_after_resume_between_log_steps_equals_the_straight_run(tiny_mnist, 
 
     save = vae.save_checkpoint
 
-    def save_then_die_at_step_6(ckpt, path):
-        save(ckpt, path)
-        if ckpt["step"] == 6:
+    def save_then_die_at_step_6(config, step, *args):
+        save(config, step, *args)
+        if step == 6:
             raise Killed
 
     interrupted = tmp_path / "interrupted"
@@ -671,10 +645,10 @@ def test_empty_test_split_trains_without_test_metrics(tiny_mnist, tmp_path, caps
     assert "test split of mnist5k is empty" in capsys.readouterr().out
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 4] and not any("test_mse" in r for r in rows)
-    for name in ("ckpt.pt", "reconstructions/step_000004.png", "latents.png", "samples/step_000004.png"):
+    for name in ("ckpt.pt", "reconstructions/step_000004.png", "samples/step_000004.png"):
         assert (out / name).exists(), name
     assert not (out / "ckpt_best.pt").exists()
-    assert torch.load(out / "ckpt.pt", weights_only=True)["best_test_mse"] == float("inf")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["records"]["best"]["test_mse"] == float("inf")
 
 
 def test_mse_of_reconstructions_is_the_mean_over_pixels_of_the_split():
@@ -711,29 +685,38 @@ def test_non_finite_weights_stop_before_the_checkpoint(tiny_mnist, tmp_path, cap
         return result
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
-    assert "non-finite loss or weights by step 4" in error_line(capsys, ["--max_iters", "4", "--resume", *common])
+    assert "non-finite loss or weights by step 4" in error_line(capsys, ["--max_iters", "4", "--resume", *common,
+                                                                         "--sample_interval", "1000"])
     assert (out / "ckpt.pt").read_bytes() == good
-    assert [r["step"] for r in read_log(out)] == [2]
+    assert [r["step"] for r in read_log(out)] == [2, 4]  # step 4's losses were finite; its weights are not saved
 
 
-def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    vae.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+@pytest.mark.parametrize("save", ["save_checkpoint", "save_best"])
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch, save):
+    path = tmp_path / ("ckpt.pt" if save == "save_checkpoint" else "ckpt_best.pt")
+    config = {"out_dir": str(tmp_path), "lr": 1e-3}
+    layer = nn.Linear(2, 2)
+    state = {"models": {"m": layer}, "optimizers": {}, "ema": {}, "records": {"best": vae.Record(test_mse=0.5)}}
+    args = (state, torch.Generator(), {}) + ((True,) if save == "save_checkpoint" else ())
+    getattr(vae, save)(config, 1, *args)
 
     def torn_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
+        f.write(b"PK\x03\x04 half a file")  # into the buffer that becomes the temporary file
         raise KeyboardInterrupt  # killed mid-write
 
     monkeypatch.setattr(torch, "save", torn_save)
+    with torch.no_grad():
+        layer.weight.zero_()
     with pytest.raises(KeyboardInterrupt):
-        vae.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1
+        getattr(vae, save)(config, 2, *args)
+    saved = torch.load(path, weights_only=True)
+    assert not os.path.exists(f"{path}.tmp") and sorted(os.listdir(tmp_path)) == [path.name]
+    assert saved["step"] == 1 and saved["records"]["best"]["test_mse"] == 0.5 and saved["models"]["m"]["weight"].any()
 
 
 def test_load_models_rejects_other_checkpoints():
-    with pytest.raises(ValueError, match="not a vae checkpoint"):
-        vae.load_models({"script": "dcgan", "format": 1}, "cpu")
+    with pytest.raises(ValueError, match="not a format-2 vae checkpoint"):
+        vae.load_models({"script": "dcgan", "format": 2}, "cpu")
 
 
 def error_line(capsys, argv):
@@ -753,14 +736,19 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--arch", "conv", "--img_size", "28"], "--img_size 28 is not supported by the conv VAE with --depth 4"),
-    (["--arch", "conv", "--img_size", "28", "--depth", "3"], "multiple of 2^depth = 8"), (["--iw_k", "0"], "--iw_k 0"),
-    (["--kl_weight", "-1"], "--kl_weight -1"), (["--batch_size", "0"], "--batch_size 0"), (["--max_iters", "-5"], "--max_iters -5"),
-    (["--latent_dim", "0"], "--latent_dim 0"), (["--hidden", "-1"], "--hidden -1"), (["--img_size", "0"], "--img_size 0"),
-    (["--arch", "conv", "--width", "0"], "--width 0"), (["--flow", "iaf", "--flow_length", "0"], "--flow_length 0"),
-    (["--flow_hidden", "-2"], "--flow_hidden -2"), (["--arch", "csi5340", "--depth", "2", "--h_dim", "1000", "--max_iters", "1"], "use a multiple of 16 x 16 = 256"),
+    (["--arch", "conv", "--img_size", "28", "--depth", "3"], "multiple of 2^depth = 8"), (["--iw_k", "0"], "--iw_k: 0 is outside"),
+    (["--kl_weight", "-1"], "--kl_weight: -1 is outside"), (["--batch_size", "0"], "--batch_size: 0 is outside"),
+    (["--max_iters", "-5"], "--max_iters: -5 is outside"), (["--latent_dim", "0"], "--latent_dim: 0 is outside"),
+    (["--hidden", "-1"], "--hidden: -1 is outside"), (["--img_size", "0"], "--img_size: 0 is outside"),
+    (["--arch", "conv", "--width", "0"], "--width: 0 is outside"), (["--flow", "iaf", "--flow_length", "0"], "--flow_length: 0 is outside"),
+    (["--flow_hidden", "-2"], "--flow_hidden: -2 is outside"), (["--arch", "csi5340", "--depth", "2", "--h_dim", "1000", "--max_iters", "1"], "use a multiple of 16 x 16 = 256"),
     (["--arch", "csi5340", "--max_iters", "1"], "--recon bce needs a decoder of logits; --arch csi5340 ends in tanh: use --recon mse or mse_mean"),
-    (["--arch", "csi5340", "--recon", "dlogistic", "--max_iters", "1"], "--arch csi5340 ends in tanh"), (["--arch", "csi5340", "--h_dim", "0"], "--h_dim 0"), (["--log_interval", "0"], "--log_interval 0"),
-    (["--sample_interval", "-1"], "--sample_interval -1"), (["--ckpt_interval", "0"], "--ckpt_interval 0"), (["--lr", "0"], "--lr 0"),
+    (["--arch", "csi5340", "--recon", "dlogistic", "--max_iters", "1"], "--arch csi5340 ends in tanh"), (["--arch", "csi5340", "--h_dim", "0"], "--h_dim: 0 is outside"),
+    (["--log_interval", "0"], "--log_interval: 0 is outside"), (["--sample_interval", "-1"], "--sample_interval: -1 is outside"),
+    (["--ckpt_interval", "0"], "--ckpt_interval: 0 is outside"), (["--lr", "0"], "--lr: 0 is outside"),
+    (["--map_attr", "Male"], "unrecognized arguments: --map_attr Male"), (["--latent_map", "pca"], "unrecognized arguments"),
+    (["--batch_size", str(2 ** 16 + 1)], "--batch_size: 65537 is outside [1, 65536]"),
+    (["--beta1", "1"], "--beta1: 1 is outside [0, 1)"), (["--kl_weight", "inf"], "--kl_weight: inf is outside"),
 ])
 def test_bad_flags(tiny_mnist, tmp_path, capsys, flags, message):
     # into the out_dir of an earlier run: nothing it saved may change
@@ -797,11 +785,11 @@ def test_checkpoint_of_another_script_to_resume(tiny_mnist, tmp_path, capsys):
     torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5, "models": {}}, out / "ckpt.pt")
     saved = (out / "ckpt.pt").read_bytes()
     line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
-    assert "is not a vae checkpoint but a dcgan one" in line
+    assert "is not a format-2 vae checkpoint (an older vae.py or another script wrote it)" in line
     assert (out / "ckpt.pt").read_bytes() == saved and os.listdir(out) == ["ckpt.pt"]
     torch.save([1, 2, 3], out / "ckpt.pt")  # a readable file that is no checkpoint at all
     line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
-    assert line.endswith("is not a vae checkpoint") and os.listdir(out) == ["ckpt.pt"]
+    assert "is not a format-2 vae checkpoint" in line and os.listdir(out) == ["ckpt.pt"]
 
 
 def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys):
@@ -839,3 +827,150 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, cap
     assert "non-finite loss" in error_line(capsys, ["--max_iters", "20", "--resume", "--lr", "1e30", *common])
     assert (out / "ckpt.pt").read_bytes() == good
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+# --- the run plumbing: old checkpoints, buffers, precision, fuzzed flags ----------------------
+
+
+def test_old_format_checkpoint_is_refused(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--dtype", "float32", *TINY]
+    vae.main(["--max_iters", "1", *common])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    vae.load_models(ckpt, "cpu")  # the format it writes loads
+    ckpt["format"] = 1
+    torch.save(ckpt, out / "ckpt.pt")
+    saved = (out / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    line = error_line(capsys, ["--max_iters", "2", "--resume", *common])
+    assert "is not a format-2 vae checkpoint" in line and (out / "ckpt.pt").read_bytes() == saved
+    with pytest.raises(ValueError, match="not a format-2 vae checkpoint"):
+        vae.load_models(ckpt, "cpu")
+
+
+@pytest.mark.parametrize("arch,poisoned_step", [("conv", 2), ("conv", 3), ("csi5340", 3)])
+def test_non_finite_batchnorm_buffer_alone_stops_the_run(tiny_mnist, tmp_path, capsys, monkeypatch, arch, poisoned_step):
+    # a running variance overflows while the weights and the losses (batch statistics in training) stay finite:
+    # step 2 poisoned: ckpt.pt (step 2) is never written; step 3: ckpt.pt of step 2 stays, and ckpt_best.pt (the
+    # evaluation at step 4, the first) is never written
+    build, norms, adam_step, steps = vae.build_models, [], torch.optim.Adam.step, []
+
+    def poisoned_build(config):
+        models = build(config)
+        norms.append(next(m for m in models["decoder"].modules() if isinstance(m, nn.BatchNorm2d)))
+        return models
+
+    def poisoning_step(self, *args, **kwargs):
+        result = adam_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == poisoned_step:
+            norms[0].running_var.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    monkeypatch.setattr(vae, "build_models", poisoned_build)
+    out = tmp_path / "o"
+    flags = TINY_CONV if arch == "conv" else ["--arch", "csi5340", "--depth", "2", "--width", "4", "--h_dim", "256",
+                                              "--recon", "mse", "--latent_dim", "4", "--batch_size", "16", "--device", "cpu"]
+    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "4", "--dtype",
+                               "float32", "--log_interval", "1", "--ckpt_interval", "2", "--sample_interval", "4", *flags])
+    assert f"non-finite loss or weights by step {2 if poisoned_step == 2 else 4}" in line or \
+        f"non-finite weights by step 4; the checkpoints in {out} are kept" in line, line
+    assert all(math.isfinite(r["loss"]) for r in read_log(out))  # only the buffer was not finite
+    assert not (out / "ckpt_best.pt").exists()
+    if poisoned_step == 2:
+        assert not (out / "ckpt.pt").exists()
+    else:
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ckpt["step"] == 2 and all(t.isfinite().all() for m in ckpt["models"].values() for t in m.values()
+                                         if t.is_floating_point())
+
+
+def test_best_checkpoint_is_checked_before_it_is_written(tiny_mnist, tmp_path, capsys, monkeypatch):
+    # the evaluation at step 2 improves the test MSE while a batch-norm buffer is infinite: ckpt_best.pt of step 1 stays
+    out = tmp_path / "o"
+    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--dtype", "float32", "--sample_interval", "1",
+              "--ckpt_interval", "1000", *TINY_CONV]
+    vae.main(["--max_iters", "1", *common])
+    capsys.readouterr()
+    best = (out / "ckpt_best.pt").read_bytes()
+    monkeypatch.setattr(vae, "draw_and_score", lambda models, *args: (
+        next(m for m in models["encoder"].modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(math.inf), 0.0)[1])
+    line = error_line(capsys, ["--max_iters", "2", "--resume", *common])
+    assert line == f"vae.py: error: non-finite weights by step 2; the checkpoints in {out} are kept; try a lower --lr"
+    assert (out / "ckpt_best.pt").read_bytes() == best and not (out / "ckpt_best.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_dtype_auto_measures_through_main(tiny_mnist, tmp_path, monkeypatch, faster):
+    common = ["--data_dir", str(tiny_mnist), "--max_iters", "2", "--log_interval", "1", *TINY_CONV]
+    vae.main(["--out_dir", str(tmp_path / "reference"), "--dtype", faster, *common])
+    trials = []
+
+    def fake_time_trial(step, device, dtype):
+        step()  # the trial step runs, on copies of the networks
+        trials.append(dtype)
+        return {"float32": 10.0, "bfloat16": 20.0}[dtype] if faster == "float32" else {"float32": 20.0, "bfloat16": 10.0}[dtype]
+
+    monkeypatch.setattr(vae, "cpu_computes_bfloat16", lambda: True)
+    monkeypatch.setattr(vae, "time_trial", fake_time_trial)
+    out = tmp_path / "auto"
+    vae.main(["--out_dir", str(out), "--dtype", "auto", *common])
+    config = json.loads((out / "config.json").read_text())
+    assert trials == ["float32", "bfloat16"] and config["precision"] == faster
+    assert config["dtype_trial_ms"] == {"float32": 10.0 if faster == "float32" else 20.0,
+                                        "bfloat16": 20.0 if faster == "float32" else 10.0}
+    # the trial left the networks and the random streams as they were: the same losses as the run that named the dtype
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "images_per_s")} for r in rows]  # noqa: E731
+    assert strip(read_log(out)) == strip(read_log(tmp_path / "reference"))
+
+
+INT_FLAGS = {"img_size": [], "latent_dim": [], "hidden": [], "batch_size": [], "max_iters": [], "log_interval": [],
+             "sample_interval": [], "ckpt_interval": [], "seed": [], "iw_k": [],
+             "depth": ["--arch", "conv", "--img_size", "32", "--width", "4"], "width": ["--arch", "conv", "--depth", "2"],
+             "h_dim": ["--arch", "csi5340", "--depth", "2", "--width", "4", "--recon", "mse"],
+             "flow_length": ["--flow", "iaf"], "flow_hidden": ["--flow", "iaf"]}
+FLOAT_FLAGS = {"kl_weight": [], "lr": [], "beta1": [], "beta2": []}
+
+
+def test_fuzzed_numeric_flags_end_cleanly(tiny_mnist, tmp_path, capsys):
+    # each int and float flag at 0, -1 and 1e9: a run that ends, or one line on stderr and a non-zero exit, never a
+    # traceback; the one case that means a very long run (--max_iters 1e9) runs in a process of its own, for seconds
+    base = ["--data_dir", str(tiny_mnist), "--dtype", "float32", "--max_iters", "2", "--hidden", "8", "--latent_dim",
+            "2", "--batch_size", "4", "--device", "cpu"]
+    outcomes = {}
+    for flags, huge in ((INT_FLAGS, str(10 ** 9)), (FLOAT_FLAGS, "1e9")):
+        for flag, extra in flags.items():
+            for value in ("0", "-1", huge):
+                if (flag, value) == ("max_iters", huge):
+                    continue
+                argv = [*base, "--out_dir", str(tmp_path / f"{flag}{value}"), *extra, f"--{flag}", value]
+                try:
+                    vae.main(argv)
+                    outcomes[flag, value] = "ran"
+                except SystemExit as e:
+                    assert e.code != 0, (flag, value)
+                    outcomes[flag, value] = "refused"
+                err = capsys.readouterr().err.strip().splitlines()
+                assert len(err) == (outcomes[flag, value] == "refused"), (flag, value, err)
+                assert all(line.startswith("vae.py: error: ") for line in err), (flag, value, err)
+    assert outcomes["lr", "0"] == outcomes["batch_size", str(10 ** 9)] == outcomes["img_size", str(10 ** 9)] == "refused"
+    assert outcomes["seed", "-1"] == outcomes["kl_weight", "0"] == outcomes["beta2", "0"] == "ran"
+    proc = subprocess.Popen([sys.executable, "vae.py", *base, "--out_dir", str(tmp_path / "long"), "--max_iters",
+                             str(10 ** 9)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=8)
+        assert proc.returncode == 0 or len(err.strip().splitlines()) == 1, err  # ended within seconds: cleanly
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "Traceback" not in err, err
+
+
+def test_every_numeric_flag_is_fuzzed(monkeypatch):
+    parsers, parse_run_flags = [], vae.parse_run_flags
+    monkeypatch.setattr(vae, "parse_run_flags", lambda p, *args, **kw: parsers.append(p) or parse_run_flags(p, *args, **kw))
+    vae.get_args([])
+    numeric = {a.dest for a in parsers[0]._actions if a.type is int or "number" in getattr(a.type, "__qualname__", "")}
+    assert numeric == set(INT_FLAGS) | set(FLOAT_FLAGS)

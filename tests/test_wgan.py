@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import REPO, run_script
 
@@ -21,7 +23,7 @@ TINY = ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--device
 
 def config(**kw):
     base = dict(nz=16, ngf=16, ndf=16, channels=1, img_size=32, upsample="convtranspose", critic_norm="layer",
-                mode="gp", gp_weight=10.0, clip=0.01)
+                mode="gp", gp_weight=10.0, clip=0.01, depth=None, leaky_slope=0.2)
     return {**base, **kw}
 
 
@@ -69,11 +71,11 @@ def test_critic_is_the_dcgan_discriminator_without_sigmoid():
     convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
     assert [m.out_channels for m in convs] == [64, 128, 256, 512, 1]
     assert [m.stride[0] for m in convs] == [2, 2, 2, 2, 1] and all(m.bias is None for m in convs)
-    assert [type(m) for m in D.net[:3]] == [nn.Conv2d, nn.LeakyReLU, nn.Conv2d]  # no norm on the input layer
+    assert [type(m) for m in list(D)[:3]] == [nn.Conv2d, nn.LeakyReLU, nn.Conv2d]  # no norm on the input layer
     assert sum(isinstance(m, nn.BatchNorm2d) for m in D.modules()) == 3
-    assert isinstance(D.net[-1], nn.Conv2d)  # an unbounded score: no sigmoid
+    assert [type(m) for m in list(D)[-2:]] == [nn.Conv2d, nn.Flatten]  # an unbounded score: no sigmoid
     with torch.no_grad():
-        D.net[-1].weight.mul_(1000)
+        D[-2].weight.mul_(1000)
         scores = D(torch.randn(8, 3, 64, 64))
     assert scores.abs().max() > 1
     # the generator is the DCGAN one of CIS 680 assignment 4, Table 2
@@ -87,25 +89,27 @@ def test_depth_builds_the_csi5340_generator_and_critic(depth):
     for mode, norm, norm_type in (("clip", "batch", nn.BatchNorm2d), ("gp", "layer", nn.GroupNorm)):
         models = wgan.build_models(config(depth=depth, nz=100, ngf=8, ndf=8, mode=mode, critic_norm=norm))
         G, D = models["G"], models["D"]
-        assert [type(m) for m in G.net] == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * depth + [nn.ConvTranspose2d, nn.Tanh]
-        assert [type(m) for m in D.net] == ([nn.Conv2d, nn.LeakyReLU] + [nn.Conv2d, norm_type, nn.LeakyReLU] * (depth - 1)
-                                            + [nn.Conv2d, nn.LeakyReLU, nn.Flatten, nn.Linear])
+        assert [type(m) for m in G] == ([nn.Unflatten] + [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * depth
+                                        + [nn.ConvTranspose2d, nn.Tanh])
+        assert [type(m) for m in D] == ([nn.Conv2d, nn.LeakyReLU] + [nn.Conv2d, norm_type, nn.LeakyReLU] * (depth - 1)
+                                        + [nn.Conv2d, nn.LeakyReLU, nn.Flatten, nn.Linear, nn.Flatten])
     start, top = 32 // 2 ** depth, 8 * 2 ** (depth - 1)
-    x = torch.randn(2, 100, 1, 1)
+    x = torch.randn(2, 100)
     shapes = []
-    for layer in G.net:
+    for layer in G:
         x = layer(x)
         if isinstance(layer, nn.ConvTranspose2d):
             shapes.append(tuple(x.shape[1:]))
     assert shapes == [(top // 2 ** i, start * 2 ** i, start * 2 ** i) for i in range(depth)] + [(1, 32, 32)]
     shapes = []
-    for layer in D.net:
+    for layer in D:
         x = layer(x)
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             shapes.append(tuple(x.shape[1:]))
     assert shapes == [(8 * 2 ** i, 16 // 2 ** i, 16 // 2 ** i) for i in range(depth)] + [(top, 1, 1), (1,)]
+    assert x.shape == (2,)
     with torch.no_grad():  # an unbounded score
-        D.net[-1].weight.mul_(1e4)
+        D[-2].weight.mul_(1e4)
         assert D(torch.randn(8, 1, 32, 32)).abs().max() > 1
 
 
@@ -115,11 +119,10 @@ def test_without_depth_the_dcgan_tables_stay_and_leaky_slope_sets_the_critic():
     deep = wgan.build_models(config(depth=3))
     assert isinstance(deep["D"], wgan.DepthCritic)
     assert {k: v.shape for k, v in deep["G"].state_dict().items()} == {k: v.shape for k, v in default["G"].state_dict().items()}
-    assert abs(deep["D"].net[-1].weight.std().item() - 0.02) < 0.01  # the linear layer starts from N(0, 0.02) too
+    assert abs(deep["D"][-2].weight.std().item() - 0.02) < 0.01  # the linear layer starts from N(0, 0.02) too
     for depth in (None, 2):
         for slope in (0.2, 0.1):
-            kw = {} if slope == 0.2 else {"leaky_slope": slope}  # a config without the key keeps 0.2
-            D = wgan.build_models(config(depth=depth, **kw))["D"]
+            D = wgan.build_models(config(depth=depth, leaky_slope=slope))["D"]
             assert {m.negative_slope for m in D.modules() if isinstance(m, nn.LeakyReLU)} == {slope}
 
 
@@ -132,10 +135,10 @@ def test_critic_norms():
     layer.train()
     x = torch.randn(6, 1, 32, 32)
     assert torch.allclose(layer(x)[:2], layer(x[:2]), atol=1e-6)
-    h = layer.net[:3](x)  # the output of the first normalised conv, before its GroupNorm
+    h = nn.Sequential(*list(layer)[:3])(x)  # the output of the first normalised conv, before its GroupNorm
     flat = h.flatten(1)  # normalised over all of C x H x W, separately for each sample
     expected = (flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    assert torch.allclose(layer.net[3](h).flatten(1), expected, atol=1e-5)
+    assert torch.allclose(layer[3](h).flatten(1), expected, atol=1e-5)
     none = wgan.build_models(config(critic_norm="none"))["D"]
     assert not any(isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) for m in none.modules())
     assert [m.bias is not None for m in none.modules() if isinstance(m, nn.Conv2d)] == [False, True, True, False]
@@ -183,7 +186,7 @@ def test_gradient_penalty_matches_finite_differences(kind):
     else:  # the real critic, layer norm: per-sample, so its penalty is defined
         critic, shape = wgan.build_models(config(ndf=4))["D"].double(), (2, 1, 32, 32)
         with torch.no_grad():
-            critic.net[-1].weight.mul_(5)
+            critic[-2].weight.mul_(5)
     real, fake = torch.rand(shape, dtype=torch.float64) * 2 - 1, torch.rand(shape, dtype=torch.float64) * 2 - 1
     eps = torch.rand(shape[0], 1, 1, 1, dtype=torch.float64)
     penalty = wgan.gradient_penalty(critic, real, fake, eps)
@@ -193,7 +196,7 @@ def test_gradient_penalty_matches_finite_differences(kind):
 
     # the penalty is differentiable in the critic's weights (create_graph): check one weight by differences
     penalty.backward()
-    weight = critic.net[1].weight if kind == "mlp" else critic.net[2].weight
+    weight = critic.net[1].weight if kind == "mlp" else critic[2].weight
     index, h = (0,) * weight.dim(), 1e-6
 
     def penalty_with_weight_shifted_by(delta):
@@ -227,6 +230,53 @@ def test_interpolation_coefficient_is_per_sample():
     assert coef.std() > 0.05  # and a different point for each sample
 
 
+PENALTY_SOURCE = '''def gradient_penalty(critic, real, fake, eps=None):
+    """E[(||grad critic(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) G(z) (Gulrajani et al. 2017, eq. 3), one
+    eps ~ U(0, 1) per sample, so that x_hat lies on the segment between a real and a generated image."""
+    if eps is None:
+        eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
+    grad, = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+'''
+
+
+def test_the_project_has_one_gradient_penalty():
+    assert inspect.getsource(wgan.gradient_penalty) == PENALTY_SOURCE  # srgan.py holds the same copy
+
+
+def quadratic_critic(x):
+    """sum(x^2) per sample: its gradient 2 x depends on where x_hat lies, so a wrong eps changes the penalty (a linear
+    critic's gradient is the same everywhere, and would pass with any eps)."""
+    return x.flatten(1).pow(2).sum(1)
+
+
+def penalty_by_hand(real, fake, eps):
+    x_hat = eps * real + (1 - eps) * fake
+    return ((2 * x_hat).flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def test_gradient_penalty_of_a_quadratic_critic_by_hand():
+    torch.manual_seed(0)
+    real, fake = torch.rand(6, 2, 3, 3, dtype=torch.float64) + 0.5, torch.rand(6, 2, 3, 3, dtype=torch.float64) - 1.5
+    eps = torch.rand(6, 1, 1, 1, dtype=torch.float64)
+    assert torch.allclose(wgan.gradient_penalty(quadratic_critic, real, fake, eps), penalty_by_hand(real, fake, eps),
+                          rtol=1e-12, atol=0)
+
+    def matches_by_hand(penalty):
+        """The penalty with its own eps equals the one by hand with eps ~ U(0, 1) drawn once per sample."""
+        torch.manual_seed(1)
+        value = penalty(quadratic_critic, real, fake)
+        torch.manual_seed(1)
+        return torch.allclose(value, penalty_by_hand(real, fake, torch.rand(6, 1, 1, 1)), rtol=1e-6, atol=0)
+
+    def per_pixel(critic, real, fake):  # the common bug: one eps per pixel puts x_hat off the segment
+        return wgan.gradient_penalty(critic, real, fake, torch.rand(real.shape))
+
+    assert matches_by_hand(wgan.gradient_penalty)
+    assert not matches_by_hand(per_pixel)
+
+
 def test_penalty_under_bf16_autocast_is_float32():
     torch.manual_seed(0)
     critic = wgan.build_models(config(ndf=8))["D"]
@@ -244,34 +294,56 @@ def test_penalty_under_bf16_autocast_is_float32():
 # --- modes and their defaults --------------------------------------------------------------
 
 
-def resolved(*argv):
-    config = vars(wgan.get_args(list(argv)))
-    return config, wgan.resolve_mode_defaults(config)
+def get_args_error(capsys, *argv):
+    """get_args stops with one stderr line and a non-zero exit; the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        wgan.get_args(list(argv))
+    assert stop.value.code != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def test_mode_defaults_come_from_the_papers(capsys):
-    gp, error = resolved()
-    assert error is None and gp["mode"] == "gp"
-    assert (gp["lr"], gp["beta1"], gp["beta2"], gp["n_critic"], gp["gp_weight"], gp["critic_norm"]) == (1e-4, 0.0, 0.9, 5, 10.0, "layer")
-    clip, error = resolved("--mode", "clip")
-    assert error is None and (clip["lr"], clip["clip"], clip["n_critic"], clip["critic_norm"]) == (5e-5, 0.01, 5, "batch")
-    assert resolved("--lr", "3e-4")[0]["lr"] == 3e-4
-    assert "Arjovsky" in resolved("--mode", "clip", "--beta1", "0.5")[1]
-    assert "--critic_norm batch" in resolved("--critic_norm", "batch")[1]
-    assert "--beta1 1.5" in resolved("--beta1", "1.5")[1]
+    gp = wgan.get_args([])
+    assert gp.mode == "gp"
+    assert (gp.lr, gp.beta1, gp.beta2, gp.n_critic, gp.gp_weight, gp.critic_norm) == (1e-4, 0.0, 0.9, 5, 10.0, "layer")
+    clip = wgan.get_args(["--mode", "clip"])
+    assert (clip.lr, clip.clip, clip.n_critic, clip.critic_norm, clip.beta1, clip.beta2) == (5e-5, 0.01, 5, "batch", None, None)
+    assert wgan.get_args(["--lr", "3e-4"]).lr == 3e-4
+    assert wgan.get_args(["--mode", "clip", "--lr", "1e-4"]).lr == 1e-4  # typed at gp's default: still the user's
+    assert wgan.get_args(["--critic_norm", "none", "--beta1", "0.5"]).critic_norm == "none"
+    # only the flags left unset (None) take the mode's defaults
+    config = dict(mode="gp", lr=None, beta1=0.5, beta2=None, critic_norm="none")
+    assert wgan.resolve_mode_defaults(config) is config
+    assert config == dict(mode="gp", lr=1e-4, beta1=0.5, beta2=0.9, critic_norm="none")
+    assert wgan.resolve_mode_defaults(dict(mode="clip", lr=None, critic_norm=None, beta1=None)) == dict(
+        mode="clip", lr=5e-5, critic_norm="batch", beta1=None)
+    # a resumed run's defaults are its checkpoint's config, which the mode's defaults do not override
+    resumed = wgan.get_args([], defaults=dict(vars(gp), lr=3e-4, beta1=0.5, critic_norm="none"))
+    assert (resumed.lr, resumed.beta1, resumed.beta2, resumed.critic_norm) == (3e-4, 0.5, 0.9, "none")
+    assert "Arjovsky" in get_args_error(capsys, "--mode", "clip", "--beta1", "0.5")
+    assert "RMSprop" in get_args_error(capsys, "--mode", "clip", "--beta2", "0.9")
+    assert "--critic_norm batch" in get_args_error(capsys, "--critic_norm", "batch")
+    assert get_args_error(capsys, "--beta1", "1.5").startswith("wgan.py: error: argument --beta1: 1.5 is outside [0, 1)")
     with pytest.raises(SystemExit):
         wgan.get_args(["--help"])
     help_text = capsys.readouterr().out
-    assert "Gulrajani" in help_text and "Arjovsky" in help_text and "0.05" in help_text and "Zhao" in help_text
+    assert "Gulrajani" in help_text and "Arjovsky" in help_text and "weight bound" in help_text and "Zhao" in help_text
     args = wgan.get_args([])
-    assert (args.augment, args.ema_decay) == ("translation,cutout", 0.999)
+    assert (args.augment, args.ema_decay, args.sample_interval, args.ckpt_interval) == (["translation", "cutout"], 0.999,
+                                                                                         500, 500)
+    assert wgan.get_args(["--augment", "none"]).augment == []
     with pytest.raises(SystemExit):
-        wgan.get_args(["--max_iter", "5"])  # no abbreviations: typed flags are matched by name on --resume
+        wgan.get_args(["--max_iter", "5"])  # no abbreviations: a typed flag is matched by name on --resume
 
 
 def test_no_handout_file_names_reach_users():
     text = (REPO / "wgan.py").read_text()
     assert "seed 00" not in text
+    for provenance in ("CIS 680", "CSI5340", "DLCV", "2018 image-generation", "handout table"):  # docs/handouts.md
+        assert provenance not in text, provenance
 
 
 def test_gp_with_batch_norm_is_refused(tiny_mnist, tmp_path, capsys):
@@ -300,7 +372,7 @@ def test_clip_mode_critic_only_ever_sees_clipped_weights(tiny_mnist, tmp_path, m
     out = tmp_path / "clip"
     # a learning rate large enough that unclipped weights would leave the bound at once
     train("--mode", "clip", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 3, "--n_critic", 3,
-          "--lr", 0.05, "--clip", clip, "--log_interval", 1, *TINY)
+          "--lr", 0.05, "--clip", clip, "--log_interval", 1, "--dtype", "float32", *TINY)
     assert len(records) == 3 * (3 * 2 + 1)  # each iteration: real and fake in 3 critic updates, then G's fakes
     assert records[0] > clip  # the initial weights (batch-norm scales near 1) are not clipped before the first update
     assert all(r <= clip for r in records[2:])  # after every update, clipped before the critic is used again
@@ -324,7 +396,8 @@ def test_one_generator_forward_per_critic_update(tiny_mnist, tmp_path, monkeypat
         return original(self, z)
 
     monkeypatch.setattr(wgan.Generator, "forward", recording_forward)
-    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", "--max_iters", 2, "--n_critic", 3, "--ema_decay", 0, *TINY)
+    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", "--max_iters", 2, "--n_critic", 3, "--ema_decay", 0,
+          "--dtype", "float32", *TINY)
     training = [grad for n, grad in calls if n == 16]  # the 36-image sample grid aside
     # fresh fakes for each critic update, the last with their graph, reused by G's update: none extra
     assert training == [False, False, True] * 2
@@ -345,7 +418,8 @@ def test_the_critic_sees_augmented_images_and_the_penalty_interpolates_them(tiny
 
     monkeypatch.setattr(wgan, "diff_augment", recording_augment)
     monkeypatch.setattr(wgan, "gradient_penalty", recording_penalty)
-    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "aug", "--max_iters", 1, "--n_critic", 2, *TINY)
+    train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "aug", "--max_iters", 1, "--n_critic", 2, "--dtype", "float32",
+          *TINY)
     # real and fake in each of the 2 critic updates, then G's fakes, with their graph
     assert [(policy, grad) for policy, grad, _, _ in augmented] == [(["translation", "cutout"], False)] * 4 + [(["translation", "cutout"], True)]
     assert all(not torch.equal(x, out) for _, _, x, out in augmented)
@@ -356,10 +430,11 @@ def test_the_critic_sees_augmented_images_and_the_penalty_interpolates_them(tiny
     # the papers' plain training: nothing augmented, no averaged generator
     augmented.clear()
     out = tmp_path / "plain"
-    train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 1, "--n_critic", 2, "--augment", "none", "--ema_decay", 0, *TINY)
+    train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 1, "--n_critic", 2, "--augment", "none", "--ema_decay", 0,
+          "--dtype", "float32", *TINY)
     assert len(augmented) == 5 and all(policy == [] and x is y for policy, _, x, y in augmented)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert "ema" not in ckpt
+    assert ckpt["ema"] == {}
     G = wgan.load_models(ckpt, "cpu")["G"]
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in ckpt["models"]["G"].items())
 
@@ -376,6 +451,7 @@ def test_training_writes_every_output(tiny_mnist, tmp_path):
     for r in rows:  # loss_D = -W + lambda * gp, all averaged over the same critic steps
         assert r["loss_D"] == pytest.approx(-r["wasserstein"] + 10 * r["gp"], rel=1e-4, abs=1e-5)
         assert r["gp"] > 0
+        assert r["images_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])  # n_critic batches through D a step
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == "wgan" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
     assert ckpt["config"]["mode"] == "gp" and tuple(ckpt["optimizers"]["D"]["param_groups"][0]["betas"]) == (0.0, 0.9)
@@ -386,7 +462,7 @@ def test_training_writes_every_output(tiny_mnist, tmp_path):
     assert images.shape == (4, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
     real, labels = wgan.real_images(ckpt["config"], "test")
     assert real.shape == (64, 1, 32, 32) and real.dtype == torch.uint8 and labels.shape == (64,)
-    with pytest.raises(ValueError, match="not a wgan checkpoint"):
+    with pytest.raises(ValueError, match="not a format-2 wgan checkpoint"):
         wgan.load_models({**ckpt, "script": "dcgan"}, "cpu")
     from PIL import Image
     assert Image.open(out / "samples/step_000006.png").size == (6 * 34 + 2, 6 * 34 + 2)  # 6x6 grid, 2 px padding
@@ -401,14 +477,15 @@ def test_the_averaged_generator_is_saved_used_for_grids_and_loaded(tiny_mnist, t
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     ema, trained = ckpt["ema"]["G"], ckpt["models"]["G"]
     assert ema.keys() == trained.keys()
-    assert not torch.equal(ema["net.0.weight"], trained["net.0.weight"])
-    assert not torch.equal(ema["net.1.running_mean"], trained["net.1.running_mean"])  # statistics of its own
+    assert not torch.equal(ema["1.weight"], trained["1.weight"])
+    assert not torch.equal(ema["2.running_mean"], trained["2.running_mean"])  # statistics of its own
     G = wgan.load_models(ckpt, "cpu")["G"]
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in ema.items())  # evaluate.py and interpolate.py get it
 
     def grid_of(generator):
         with torch.no_grad():
-            save_image(generator(ckpt["fixed_noise"]).add(1).div(2), tmp_path / "grid.png", nrow=6, padding=2)
+            fixed_noise = wgan.fixed_randn(ckpt["config"]["seed"], 36, ckpt["config"]["nz"])
+            save_image(generator(fixed_noise).add(1).div(2), tmp_path / "grid.png", nrow=6, padding=2)
         return np.asarray(Image.open(tmp_path / "grid.png")).astype(int)
 
     saved = np.asarray(Image.open(out / "samples/step_000004.png")).astype(int)
@@ -475,9 +552,9 @@ def test_resume_between_log_lines_gives_the_same_log(tiny_mnist, tmp_path, monke
     train("--out_dir", straight, *common)
     original = wgan.save_checkpoint
 
-    def save_then_stop(ckpt, path):  # a run killed just after its checkpoint at step 3, between the log lines 0 and 4
-        original(ckpt, path)
-        if ckpt["step"] == 3:
+    def save_then_stop(config, step, *rest):  # a run killed just after its checkpoint at step 3, between log lines 0 and 4
+        original(config, step, *rest)
+        if step == 3:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(wgan, "save_checkpoint", save_then_stop)
@@ -502,9 +579,9 @@ def test_resume_takes_typed_flags_even_at_their_default_and_refuses_fixed_ones(t
     line = main_error(capsys, "--max_iters", 4, "--resume", *common, "--nz", 16)
     assert "--nz cannot change in a resumed run" in line and "8" in line
     assert {name: (out / name).read_bytes() for name in saved} == saved  # nothing touched
-    train("--max_iters", 4, "--resume", "--log_interval", 25, *common)  # 25 is the default, typed: it counts
+    train("--max_iters", 4, "--resume", "--log_interval", 100, *common)  # 100 is the default, typed: it counts
     assert [r["step"] for r in read_log(out)] == [1, 2, 4]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["log_interval"] == 25
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["log_interval"] == 100
 
 
 def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, capsys, one_thread):
@@ -522,7 +599,8 @@ def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_p
     train("--max_iters", 3, "--resume", *common, "--out_dir", out / "gp")
     assert torch.load(out / "gp" / "ckpt.pt", weights_only=True)["step"] == 3
     assert "multiple of 2^depth = 8" in main_error(capsys, *common, "--img_size", 28, "--depth", 3, "--out_dir", out / "bad")
-    assert "--leaky_slope 1.5" in main_error(capsys, *common, "--leaky_slope", 1.5, "--out_dir", out / "bad")
+    assert "argument --leaky_slope: 1.5 is outside [0, 1)" in main_error(capsys, *common, "--leaky_slope", 1.5,
+                                                                         "--out_dir", out / "bad")
 
 
 DDP_GRADIENT_CHECK = r'''
@@ -533,7 +611,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()
 torch.manual_seed(0)
-D = wgan.build_models(dict(nz=8, ngf=4, ndf=4, channels=1, img_size=32, upsample="convtranspose", critic_norm="layer"))["D"].double()
+D = wgan.build_models(dict(nz=8, ngf=4, ndf=4, channels=1, img_size=32, upsample="convtranspose", critic_norm="layer",
+                           depth=None, leaky_slope=0.2))["D"].double()
 real, fake = torch.rand(8, 1, 32, 32, dtype=torch.float64), torch.rand(8, 1, 32, 32, dtype=torch.float64)
 eps = torch.rand(8, 1, 1, 1, dtype=torch.float64)
 def loss(critic, part):
@@ -584,11 +663,14 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
 def test_unsupported_image_size_and_bad_flags(tiny_mnist, tmp_path, capsys):
     out = tmp_path / "o"
     assert "--img_size 48" in main_error(capsys, "--data_dir", tiny_mnist, "--img_size", "48", "--out_dir", out)
-    assert "--clip -0.01" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--clip", "-0.01", "--out_dir", out)
+    assert "argument --clip: -0.01 is outside (0, inf]" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip",
+                                                                      "--clip", "-0.01", "--out_dir", out)
     assert "RMSprop" in main_error(capsys, "--data_dir", tiny_mnist, "--mode", "clip", "--beta1", "0.5", "--out_dir", out)
-    assert "--beta2 1.0" in main_error(capsys, "--data_dir", tiny_mnist, "--beta2", "1.0", "--out_dir", out)
-    assert "--ema_decay 1.0" in main_error(capsys, "--data_dir", tiny_mnist, "--ema_decay", "1.0", "--out_dir", out)
-    assert "--augment flip: unknown flip" in main_error(capsys, "--data_dir", tiny_mnist, "--augment", "flip", "--out_dir", out)
+    assert "--beta2: 1.0 is outside [0, 1)" in main_error(capsys, "--data_dir", tiny_mnist, "--beta2", "1.0", "--out_dir", out)
+    assert "--ema_decay: 1.0 is outside [0, 1)" in main_error(capsys, "--data_dir", tiny_mnist, "--ema_decay", "1.0",
+                                                              "--out_dir", out)
+    assert "--augment: flip: use none or a comma list" in main_error(capsys, "--data_dir", tiny_mnist, "--augment", "flip",
+                                                                      "--out_dir", out)
     assert not out.exists()
 
 
@@ -598,7 +680,7 @@ def test_zero_or_negative_sizes_and_counts(tiny_mnist, tmp_path, capsys):
                         ("--ckpt_interval", -5), ("--nz", 0), ("--ngf", 0), ("--ndf", -2), ("--n_critic", 0), ("--lr", 0.0),
                         ("--gp_weight", -1.0)]:
         line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", 1, "--n_critic", 1, *TINY, flag, value)
-        assert line.startswith("wgan.py: error:") and f"{flag} {value} must be positive" in line, line
+        assert line.startswith(f"wgan.py: error: argument {flag}: {value} is outside"), line
     assert not out.exists()
 
 
@@ -625,16 +707,20 @@ def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsy
     assert "cannot read checkpoint" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
     torch.save({"script": "dcgan", "format": 1}, out / "dcgan.pt")
-    assert "is not a wgan checkpoint but a dcgan one" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", out / "dcgan.pt", *TINY)
-    # a checkpoint of the first wgan.py, which kept no log window
+    assert "is not a format-2 wgan checkpoint" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out,
+                                                             "--resume", out / "dcgan.pt", *TINY)
+    # a checkpoint of an older wgan.py (format 1): refused on --resume and by load_models, and left as it is
     old = tmp_path / "old"
-    train("--data_dir", tiny_mnist, "--out_dir", old, "--max_iters", 1, "--n_critic", 1, *TINY)
+    train("--data_dir", tiny_mnist, "--out_dir", old, "--max_iters", 1, "--n_critic", 1, "--dtype", "float32", *TINY)
     ckpt = torch.load(old / "ckpt.pt", weights_only=True)
-    del ckpt["log_window"]
-    torch.save(ckpt, old / "ckpt.pt")
+    wgan.load_models(ckpt, "cpu")  # format 2 loads
+    torch.save({**ckpt, "format": 1}, old / "ckpt.pt")
     saved = (old / "ckpt.pt").read_bytes()
-    assert "older wgan.py" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", old, "--resume", "--max_iters", 2, *TINY)
-    assert (old / "ckpt.pt").read_bytes() == saved
+    line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", old, "--resume", "--max_iters", 2, *TINY)
+    assert line.startswith("wgan.py: error: --resume:") and "is not a format-2 wgan checkpoint" in line
+    assert (old / "ckpt.pt").read_bytes() == saved and [r["step"] for r in read_log(old)] == [1]
+    with pytest.raises(ValueError, match="not a format-2 wgan checkpoint"):
+        wgan.load_models({**ckpt, "format": 1}, "cpu")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
@@ -672,3 +758,136 @@ def test_copied_alone_into_an_empty_folder_runs(tiny_mnist, tmp_path):
     shutil.copytree(tiny_mnist, alone / "data")
     run_script("wgan.py", "--max_iters", "2", "--n_critic", "1", *TINY, cwd=alone)
     assert (alone / "out" / "wgan" / "ckpt.pt").exists()
+
+
+def poison_d_batchnorm(monkeypatch):
+    """Every forward of D's first batch norm leaves NaN in its running variance only: in train mode it normalises with
+    the batch's statistics, so D's scores, the losses and all weights stay finite."""
+    original = wgan.build_models
+
+    def build_models(config):
+        models = original(config)
+        norm = next(m for m in models["D"].modules() if isinstance(m, nn.BatchNorm2d))
+        norm.register_forward_hook(lambda module, inputs, output: setattr(  # a new tensor: autograd saved the old one
+            module, "running_var", torch.full_like(module.running_var, float("nan"))))
+        return models
+
+    monkeypatch.setattr(wgan, "build_models", build_models)
+
+
+def poison_ema_weights(monkeypatch):
+    original = wgan.update_ema
+
+    def update_ema(ema, G, decay):
+        original(ema, G, decay)
+        with torch.no_grad():
+            next(ema.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(wgan, "update_ema", update_ema)
+
+
+def poison_ema_batchnorm_statistics(monkeypatch):
+    original = wgan.update_bn
+
+    def update_bn(loader, model):
+        original(loader, model)
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).running_mean.fill_(float("nan"))
+
+    monkeypatch.setattr(wgan, "update_bn", update_bn)
+
+
+@pytest.mark.parametrize("poison,mode", [(poison_d_batchnorm, "clip"), (poison_ema_weights, "gp"),
+                                         (poison_ema_batchnorm_statistics, "gp")])
+def test_non_finite_values_anywhere_in_a_checkpoint_stop_the_run(poison, mode, tiny_mnist, tmp_path, monkeypatch, capsys,
+                                                                 one_thread):
+    out = tmp_path / "o"
+    common = ["--data_dir", tiny_mnist, "--out_dir", out, "--mode", mode, "--n_critic", 1, "--dtype", "float32", *TINY]
+    train("--max_iters", 1, *common)  # a good checkpoint first, then the poisoned run resumes from it
+    good = (out / "ckpt.pt").read_bytes()
+    poison(monkeypatch)
+    line = main_error(capsys, "--max_iters", 3, "--ckpt_interval", 2, "--log_interval", 1, "--resume", *common)
+    assert line == (f"wgan.py: error: non-finite loss or weights by step 2; the last good checkpoint in {out} is kept; "
+                    f"try a lower --lr")
+    assert (out / "ckpt.pt").read_bytes() == good and not (out / "ckpt.pt.tmp").exists()
+    fresh = tmp_path / "fresh"  # a new run writes none
+    assert "non-finite" in main_error(capsys, "--max_iters", 1, *common, "--out_dir", fresh)
+    assert not (fresh / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["gp", "clip"])
+def test_the_critic_is_frozen_during_the_generator_update(mode, tiny_mnist, tmp_path, monkeypatch, one_thread):
+    built, steps = {}, []
+    original = wgan.build_models
+    monkeypatch.setattr(wgan, "build_models", lambda config: built.update(original(config)) or built)
+
+    def record(optimizer, args, kwargs):  # D's gradients and requires_grad as each optimizer is about to step
+        name = "G" if optimizer.param_groups[0]["params"][0] is next(built["G"].parameters()) else "D"
+        D = list(built["D"].parameters())
+        steps.append((name, [p.grad.clone() for p in D], [p.requires_grad for p in D]))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train("--data_dir", tiny_mnist, "--out_dir", tmp_path / "o", "--mode", mode, "--max_iters", 2, "--n_critic", 2,
+              "--dtype", "float32", *TINY)
+    finally:
+        handle.remove()
+    assert [name for name, _, _ in steps] == ["D", "D", "G"] * 2
+    for (_, d_grads, d_trainable), (_, g_grads, g_trainable) in zip(steps[1::3], steps[2::3]):
+        assert all(d_trainable) and not any(g_trainable)  # frozen for G's update only
+        assert any(g.abs().sum() > 0 for g in d_grads)
+        # G's backward went through D but left D's gradients (those of D's last update) as they were
+        assert all(torch.equal(a, b) for a, b in zip(d_grads, g_grads))
+
+
+@pytest.mark.parametrize("slower,chosen", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_dtype_auto_on_a_cpu_times_a_trial_step(slower, chosen, tiny_mnist, tmp_path, monkeypatch, one_thread):
+    trials = []
+
+    def time_trial(step, device, dtype, repeats=3):
+        rng = torch.get_rng_state()
+        step()  # a forward and backward of copies of the networks, on fixed inputs
+        assert torch.equal(torch.get_rng_state(), rng)  # the training stream untouched
+        trials.append(dtype)
+        return 20.0 if dtype == slower else 10.0
+
+    monkeypatch.setattr(wgan, "cpu_computes_bfloat16", lambda: True)
+    monkeypatch.setattr(wgan, "time_trial", time_trial)
+    common = ["--data_dir", tiny_mnist, "--max_iters", 2, "--n_critic", 2, *TINY]
+    train("--out_dir", tmp_path / "auto", *common)
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert sorted(trials) == ["bfloat16", "float32"]
+    assert (config["dtype"], config["precision"]) == ("auto", chosen)
+    assert config["dtype_trial_ms"] == {"float32": 10.0 if slower == "bfloat16" else 20.0, "bfloat16": 20.0 if slower
+                                        == "bfloat16" else 10.0}
+    # the trial runs on copies of the networks: the run is the one that --dtype <chosen> trains
+    train("--out_dir", tmp_path / "typed", *common, "--dtype", chosen)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("auto", "typed"))
+    for group in ("models", "ema"):
+        for name in a[group]:
+            assert all(torch.equal(v, b[group][name][k]) for k, v in a[group][name].items()), (group, name)
+
+
+INT_FLAGS = ["img_size", "depth", "nz", "ngf", "ndf", "n_critic", "batch_size", "max_iters", "log_interval",
+             "sample_interval", "ckpt_interval", "seed"]
+FLOAT_FLAGS = ["leaky_slope", "clip", "gp_weight", "lr", "beta1", "beta2", "ema_decay"]
+
+
+def test_fuzzed_numbers_end_a_run_or_give_one_line(tiny_mnist, tmp_path, capsys, one_thread):
+    """0, -1 and 1e9 for every int and float flag: a run that ends normally, or one stderr line and a non-zero exit."""
+    numeric = {k for k, v in vars(wgan.get_args([])).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric | {"depth"} == set(INT_FLAGS + FLOAT_FLAGS)  # every int and float flag (--depth is unset by default)
+    outcomes = {}
+    for i, (flag, value) in enumerate((f, v) for f in INT_FLAGS + FLOAT_FLAGS for v in ("0", "-1", "1e9")):
+        argv = ["--data_dir", str(tiny_mnist), "--out_dir", str(tmp_path / str(i)), "--max_iters", "2", "--n_critic", "1",
+                "--sample_interval", "2", "--dtype", "float32", *TINY, *(["--mode", "clip"] if flag == "clip" else []),
+                f"--{flag}", value]
+        capsys.readouterr()
+        try:
+            wgan.main(argv)
+            outcomes[flag, value] = "ran"
+        except SystemExit as stop:
+            lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert stop.code != 0 and len(lines) == 1 and lines[0].startswith("wgan.py: error: "), (flag, value, lines)
+            outcomes[flag, value] = "refused"
+    assert outcomes["nz", "0"] == outcomes["max_iters", "1e9"] == outcomes["lr", "-1"] == "refused"
+    assert outcomes["seed", "-1"] == outcomes["beta1", "0"] == outcomes["ema_decay", "0"] == "ran"
