@@ -195,9 +195,11 @@ def plain_cgan(config, steps, warmup):
     """ACGAN as usually written (Odena et al.): D's source and class losses on real and fresh fakes, then G's."""
     import torch
     import torch.nn.functional as F
+    sys.path.insert(0, REPO)
+    module = __import__("cgan")
+    labels, names = module.class_labels(config, module.load_images(config["data_dir"], config["dataset"], "train", 32)[1])
+    config["n_classes"] = len(names)
     _, images, models = load_script("cgan.py", config)
-    labels = torch.from_numpy(__import__("numpy").load(os.path.join(REPO, config["data_dir"], config["dataset"],
-                                                                    "train_labels.npy"))).long()
     G, D = models["G"], models["D"]
     opt_G = torch.optim.Adam(G.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
     opt_D = torch.optim.Adam(D.parameters(), lr=config["lr"], betas=(config["beta1"], config["beta2"]))
@@ -206,7 +208,7 @@ def plain_cgan(config, steps, warmup):
     def step():
         idx = torch.randint(0, len(images), (batch,))
         real, real_y, fake_y = images[idx].float().div(127.5).sub(1), labels[idx], torch.randint(0, classes, (batch,))
-        fake = G(torch.randn(batch, nz), fake_y)
+        fake = G(module.g_input(torch.randn(batch, nz), fake_y, classes))
         (source_r, class_r), (source_f, class_f) = D(real), D(fake.detach())
         loss_D = (F.softplus(-source_r).mean() + F.softplus(source_f).mean() + F.cross_entropy(class_r, real_y)
                   + F.cross_entropy(class_f, fake_y))
@@ -214,7 +216,7 @@ def plain_cgan(config, steps, warmup):
         loss_D.backward()
         opt_D.step()
         fake_y = torch.randint(0, classes, (batch,))
-        source_f, class_f = D(G(torch.randn(batch, nz), fake_y))
+        source_f, class_f = D(G(module.g_input(torch.randn(batch, nz), fake_y, classes)))
         loss_G = F.softplus(-source_f).mean() + F.cross_entropy(class_f, fake_y)
         opt_G.zero_grad()
         loss_G.backward()
