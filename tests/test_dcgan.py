@@ -234,6 +234,9 @@ def test_augmentation_changes_what_D_sees_never_the_samples(tiny_mnist, tmp_path
     # D's first input of each iteration is the real batch: augmented, so not the batch that was drawn
     assert not torch.equal(seen[0], drawn[0]) and seen[0].shape == drawn[0].shape
     assert (seen[0] == 0).flatten(1).any(dim=1).all()  # a cut-out square in each image (uint8 / 127.5 - 1 is never 0)
+    assert len(seen) == 6  # per iteration: reals and fakes in D's update, fakes in G's update
+    for fakes in (seen[1], seen[2], seen[4], seen[5]):  # tanh outputs are never exactly 0: cutout reached the fakes
+        assert (fakes == 0).flatten(1).any(dim=1).all()
     # the grid is the EMA generator's plain output on the fixed noise: no augmentation
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     G = dcgan.load_models(ckpt, "cpu")["G"]
@@ -355,6 +358,21 @@ def test_d_is_frozen_during_g_update(tiny_mnist, tmp_path, monkeypatch):
     dcgan.main(["--data_dir", str(tiny_mnist), "--out_dir", str(tmp_path / "run"), "--max_iters", "2", *TINY])
     assert unchanged == [True, True]  # G's backward added nothing to D's gradients
     assert all(p.requires_grad for p in models["D"].parameters())  # unfrozen again for D's own update
+
+
+def test_the_chosen_loss_and_compile_reach_the_training_loop(tiny_mnist, tmp_path, monkeypatch):
+    kinds, compiled = set(), []
+    original_D_loss, original_G_loss = dcgan.discriminator_loss, dcgan.generator_loss
+    monkeypatch.setattr(dcgan, "discriminator_loss", lambda kind, *a: kinds.add(("D", kind)) or original_D_loss(kind, *a))
+    monkeypatch.setattr(dcgan, "generator_loss", lambda kind, *a: kinds.add(("G", kind)) or original_G_loss(kind, *a))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    common = ["--data_dir", str(tiny_mnist), "--max_iters", "1", "--dtype", "float32", *TINY]
+    dcgan.main([*common, "--out_dir", str(tmp_path / "a"), "--loss", "lsgan"])
+    assert kinds == {("D", "lsgan"), ("G", "lsgan")} and compiled == []
+    kinds.clear()
+    dcgan.main([*common, "--out_dir", str(tmp_path / "b"), "--loss", "sigmoid_mse", "--compile"])
+    assert kinds == {("D", "sigmoid_mse"), ("G", "sigmoid_mse")}
+    assert [type(m) for m in compiled] == [dcgan.Generator, dcgan.Discriminator]
 
 
 def test_grid_before_the_first_log_row(tiny_mnist, tmp_path):
