@@ -38,8 +38,8 @@ CASES = [
     ("srgan 64px b16", "srgan.py", ["--batch_size", "16"]),
 ]
 # the flags that make a script do the plain loop's work: its training aids off
-SAME_WORK = {"dcgan.py": ["--augment", "none", "--ema_decay", "0"], "wgan.py": ["--augment", "none", "--ema_decay", "0"],
-             "cgan.py": ["--augment", "none", "--ema_decay", "0"], "srgan.py": ["--ema_decay", "0"]}
+NO_AIDS = ["--augment", "none", "--ema_decay", "0"]
+SAME_WORK = {"dcgan.py": NO_AIDS, "wgan.py": NO_AIDS, "cgan.py": NO_AIDS, "srgan.py": ["--ema_decay", "0"]}
 
 
 def machine():
@@ -58,7 +58,8 @@ def machine():
     except OSError:
         pass
     shown = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"CPU {model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'no avx512/amx'}, torch {torch.__version__}"
+    flags = " ".join(shown) or "no avx512/amx"
+    return f"CPU {model}, {os.cpu_count()} cores, flags: {flags}, torch {torch.__version__}"
 
 
 def matmul_peak(dtype_name, repeats=5):
@@ -197,7 +198,8 @@ def plain_cgan(config, steps, warmup):
     import torch.nn.functional as F
     sys.path.insert(0, REPO)
     module = __import__("cgan")
-    labels, names = module.class_labels(config, module.load_images(config["data_dir"], config["dataset"], "train", 32)[1])
+    train_labels = module.load_images(config["data_dir"], config["dataset"], "train", 32)[1]
+    labels, names = module.class_labels(config, train_labels)
     config["n_classes"] = len(names)
     _, images, models = load_script("cgan.py", config)
     G, D = models["G"], models["D"]
@@ -270,7 +272,8 @@ def bench_speed(args):
     import torch
     sys.path.insert(0, REPO)
     native_bf16 = torch.cuda.is_available() or __import__("dcgan").cpu_computes_bfloat16()  # else emulated: no peak
-    peak_gflops = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16") if native_bf16 else float("nan")}
+    peak_gflops = {"float32": matmul_peak("float32"),
+                   "bfloat16": matmul_peak("bfloat16") if native_bf16 else float("nan")}
     for _ in range(args.rounds):
         for name, script, flags in cases:
             for label, extra in variants:
@@ -288,7 +291,8 @@ def bench_speed(args):
                 times[(name, label)].append(r["ms_per_step"])
     print(f"# {time.strftime('%Y-%m-%d')}, {machine()}; load average {os.getloadavg()[0]:.1f} at the end")
     print(f"# {args.rounds} rounds of {args.steps} timed steps, median ms/step; a large matmul reaches "
-          f"{peak_gflops['float32']:.0f} GFLOP/s in float32, {peak_gflops['bfloat16']:.0f} in bfloat16 (the peaks below)")
+          f"{peak_gflops['float32']:.0f} GFLOP/s in float32, {peak_gflops['bfloat16']:.0f} in bfloat16 "
+          f"(the peaks below)")
     print(f"{'case':18s} {'variant':26s} {'ms/step':>9s} {'vs plain':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} "
           f"{'of peak':>8s} {'precision':>9s} {'peak MB':>10s}")
     for name, _, _ in cases:
@@ -337,8 +341,9 @@ def bench_fid(args):
         commands = {
             "python -m pytorch_fid A B": lambda: [sys.executable, "-m", "pytorch_fid", real, fake],
             # a fresh cache each round: the real images' features are computed, not read back
-            "python evaluate.py --real A --fake B": lambda: [sys.executable, "evaluate.py", "--real", real, "--fake", fake,
-                                                            "--json", report, "--cache_dir", tempfile.mkdtemp(dir=root)],
+            "python evaluate.py --real A --fake B": lambda: [
+                sys.executable, "evaluate.py", "--real", real, "--fake", fake, "--json", report,
+                "--cache_dir", tempfile.mkdtemp(dir=root)],
             "  the same, real features cached": lambda: [sys.executable, "evaluate.py", "--real", real, "--fake", fake,
                                                          "--json", report, "--cache_dir", os.path.join(root, "cache")],
         }
@@ -373,8 +378,8 @@ QUALITY_RUNS = [  # (name, the command a user runs)
     ("cgan", ["cgan.py"]),
     ("srgan", ["srgan.py"]),
     ("vae", ["vae.py"]),
-    ("vae dlogistic", ["vae.py", "--arch", "conv", "--img_size", "28", "--depth", "2", "--latent_dim", "32", "--recon", "dlogistic",
-                       "--lr", "2e-3", "--max_iters", "2500"]),
+    ("vae dlogistic", ["vae.py", "--arch", "conv", "--img_size", "28", "--depth", "2", "--latent_dim", "32",
+                       "--recon", "dlogistic", "--lr", "2e-3", "--max_iters", "2500"]),
 ]
 
 
@@ -390,7 +395,8 @@ def bench_quality(args):
             continue
         out_dir = os.path.join(args.quality_dir, name.replace(" ", "_"))
         t0 = time.perf_counter()
-        train = subprocess.run([sys.executable, *command, "--out_dir", out_dir], cwd=REPO, capture_output=True, text=True)
+        train = subprocess.run([sys.executable, *command, "--out_dir", out_dir], cwd=REPO, capture_output=True,
+                               text=True)
         minutes = (time.perf_counter() - t0) / 60
         if train.returncode != 0:
             print(f"{name}: training failed: {(train.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
@@ -415,13 +421,16 @@ def bench_quality(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Benchmark training speed against a plain loop, or the quality of the default runs.")
-    p.add_argument("--only", default="", help="speed: the cases whose name contains this text; --quality: a comma list of run names")
+    p = argparse.ArgumentParser(
+        description="Benchmark training speed against a plain loop, or the quality of the default runs.")
+    p.add_argument("--only", default="",
+                   help="speed: the cases whose name contains this text; --quality: a comma list of run names")
     p.add_argument("--steps", type=int, default=20, help="timed iterations per case (after as many warm-up ones)")
     p.add_argument("--rounds", type=int, default=2, help="times each case is measured, alternating with the others")
     p.add_argument("--device", default="auto", help="device passed to each script")
     p.add_argument("--compile", action="store_true", help="pass --compile to the training scripts")
-    p.add_argument("--quality", action="store_true", help="train each default run, then evaluate it with evaluate.py --n 1000")
+    p.add_argument("--quality", action="store_true",
+                   help="train each default run, then evaluate it with evaluate.py --n 1000")
     p.add_argument("--quality_dir", default="out/bench_quality", help="where --quality's runs go")
     p.add_argument("--fid", action="store_true", help="time python evaluate.py --real A --fake B against "
                                                       "python -m pytorch_fid A B on the same PNG folders")

@@ -1,9 +1,6 @@
-"""Conditional GANs in one file, on dcgan.py's networks: ACGAN (G gets a class, a second head on D classifies) and
-InfoGAN (G gets latent codes, a Q head on D recovers them).
-
-Odena, Olah, Shlens, "Conditional Image Synthesis with Auxiliary Classifier GANs", ICML 2017. Chen, Duan, Houthooft,
-Schulman, Sutskever, Abbeel, "InfoGAN: Interpretable Representation Learning by Information Maximizing Generative
-Adversarial Nets", NeurIPS 2016. Which course uses which configuration: docs/handouts.md.
+"""Conditional GANs on dcgan.py's networks. ACGAN (Odena, Olah, Shlens, ICML 2017): G gets a class, a second head
+on D classifies. InfoGAN (Chen, Duan, Houthooft, Schulman, Sutskever, Abbeel, NeurIPS 2016): G gets latent codes, a
+Q head on D recovers them. Which course uses which configuration: docs/handouts.md.
 
     python cgan.py                                    # ACGAN on the embedded MNIST sample: one class per digit
     python cgan.py --model infogan                    # InfoGAN: 62 noise + one 10-way code + 2 continuous codes
@@ -104,10 +101,10 @@ def to_unit_range(images_uint8):
 # InfoGAN's z: noise (nz) ++ cat_codes one-hot blocks of cat_dim ++ cont_codes values in U(-1, 1).
 def latent_layout(config):
     """The slices of z: [{"name", "kind": "noise" | "categorical" | "continuous", "start", "size"}]."""
-    k = config["model"] == "infogan"  # ACGAN: noise only
-    parts = [("noise", "noise", config["nz"])] + [(f"cat{i}", "categorical", config["cat_dim"])
-                                                  for i in range(k * config["cat_codes"])]
-    parts += [(f"cont{i}", "continuous", 1) for i in range(k * config["cont_codes"])]
+    info = config["model"] == "infogan"  # ACGAN: noise only
+    parts = [("noise", "noise", config["nz"])]
+    parts += [(f"cat{i}", "categorical", config["cat_dim"]) for i in range(info * config["cat_codes"])]
+    parts += [(f"cont{i}", "continuous", 1) for i in range(info * config["cont_codes"])]
     starts = np.cumsum([0] + [size for *_, size in parts]).tolist()
     return [dict(name=name, kind=kind, start=start, size=size) for (name, kind, size), start in zip(parts, starts)]
 
@@ -173,14 +170,11 @@ class Discriminator(nn.Module):
         return self.source(h).flatten(), self.aux(h).flatten(1)
 
 def init_weights(module):
-    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. §4)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+    """N(0, 0.02) for conv weights, N(1, 0.02) for batch-norm scales, zero biases (Radford et al. §4)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0 if isinstance(module, nn.BatchNorm2d) else 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
 
 def build_models(config):
     c, s, n_classes = config["channels"], config["img_size"], config["n_classes"]
@@ -192,12 +186,12 @@ def build_models(config):
 def build_optimizers(G, D, config):
     """Adam for G and D. With --three_optimizers D's holds only its body and source head, and a third, Q, holds G and
     the Q head: the information term is minimised by that optimizer alone, so it never trains D's body."""
-    def adam(params):
+    def adam(*modules):
+        params = [p for module in modules for p in module.parameters()]
         return torch.optim.Adam(params, config["lr"], (config["beta1"], config["beta2"]))
     if not config["three_optimizers"]:
-        return {"G": adam(G.parameters()), "D": adam(D.parameters())}
-    return {"G": adam(G.parameters()), "D": adam([*D.body.parameters(), *D.source.parameters()]),
-            "Q": adam([*G.parameters(), *D.aux.parameters()])}
+        return {"G": adam(G), "D": adam(D)}
+    return {"G": adam(G), "D": adam(D.body, D.source), "Q": adam(G, D.aux)}
 
 @torch.no_grad()
 def generate(models, z, labels=None):
@@ -241,11 +235,9 @@ def info_loss(q_out, z, config):
     et al.'s code it is added to D's loss (training Q and the shared body) and G's, unless --three_optimizers."""
     _, cat, cont = split_codes(z, config)
     k, d = config["cat_codes"], config["cat_dim"]
-    loss = q_out.new_zeros(())
-    if k:
+    loss = config["lambda_cont"] * 0.5 * (cont - q_out[:, k * d:]).pow(2).sum(1).mean()  # 0 without continuous codes
+    if k:  # (the cross-entropy of no categorical code would be the NaN of an empty mean)
         loss = loss + config["lambda_cat"] * k * F.cross_entropy(q_out[:, :k * d].reshape(-1, d), cat.reshape(-1))
-    if config["cont_codes"]:
-        loss = loss + config["lambda_cont"] * 0.5 * (cont - q_out[:, k * d:]).pow(2).sum(1).mean()
     return loss
 
 def unused(*outputs):
@@ -330,23 +322,19 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--cat_codes", type=number(int, 0, 100), default=1, help="InfoGAN: number of categorical codes")
     p.add_argument("--cat_dim", type=number(int, 1, 1000), default=10, help="InfoGAN: categories per categorical code")
     p.add_argument("--cont_codes", type=number(int, 0, 100), default=2, help="InfoGAN: continuous codes, each U(-1, 1)")
-    p.add_argument("--lambda_cat", type=number(float, 0), default=1.0,
-                   help="InfoGAN: weight of the information term of the categorical codes")
+    p.add_argument("--lambda_cat", type=number(float, 0), default=1.0, help="InfoGAN: weight of the categorical term")
     p.add_argument("--lambda_cont", type=number(float, 0), default=1.0, help="InfoGAN: weight of the continuous "
-                   "codes' term (Chen et al. advise a smaller one, e.g. 0.1, on some datasets)")
-    p.add_argument("--three_optimizers", action="store_true",
-                   help="InfoGAN: D's and G's optimizers on the GAN loss alone, and a third on the information term "
-                        "over G and the Q head (not D's body); default: the paper's form, the term in D's and G's loss")
+                   "term (Chen et al. advise a smaller one, e.g. 0.1, on some datasets)")
+    p.add_argument("--three_optimizers", action="store_true", help="InfoGAN: the information term trained by a third "
+                   "optimizer, over G and the Q head (not D's body); default: in D's and G's losses, as in the paper")
     p.add_argument("--ngf", type=number(int, 1, 4096), default=32, help="G's width before its output layer")
     p.add_argument("--ndf", type=number(int, 1, 4096), default=32, help="discriminator width of its first layer")
-    p.add_argument("--leaky_slope", type=FRACTION, default=0.2,
-                   help="negative slope of D's LeakyReLUs, the Q head's included")
+    p.add_argument("--leaky_slope", type=FRACTION, default=0.2, help="negative slope of D's LeakyReLUs (Q head too)")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-4, help="Adam learning rate")
     p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
-    p.add_argument("--augment", type=augment_policy, default="translation,cutout",
-                   help="differentiable augmentation of what D sees, for all its heads (Zhao et al. 2020): none, or a "
-                        "comma list of color, translation, cutout")
+    p.add_argument("--augment", type=augment_policy, default="translation,cutout", help="differentiable augmentation "
+                   "of what D sees (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=8000)
     if args.nz is None:
@@ -474,10 +462,11 @@ RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interva
 def number(cast, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
-        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
-                and (value < high if high_open else value <= high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        value = cast(text)
+        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+                and not (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}")
         return value
     return parse
 
@@ -514,23 +503,25 @@ def parse_config(get_args, argv):
     path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        check_format(ckpt)
     except Exception as e:  # torch raises several types for a missing, torn or foreign file
         fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
-             f"another script wrote it): start a new run, or use the version that wrote it")
     config = vars(get_args(argv, ckpt["config"]))
     fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
     return config, ckpt
 
+def check_format(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"this is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+                         f"another script wrote it): start a new run, or use the version that wrote it")
+
 def setup_distributed(config):
     """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
     if name == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -554,8 +545,8 @@ def train_data(config, device):
 
 def cpu_computes_bfloat16():
     """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                     or torch.cpu._is_amx_tile_supported())
 
 def time_trial(step, device, dtype, repeats=3):
     """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
@@ -582,8 +573,7 @@ def choose_precision(config, device, trial_step):
             choice = [config["precision"]]
             torch.distributed.broadcast_object_list(choice, src=0)
             config["precision"] = choice[0]
-    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
-                                                                    if config["dtype_trial_ms"] else ""))
+    print(f"--dtype {config['dtype']}: {config['precision']} (trial step, ms: {config['dtype_trial_ms'] or 'none'})")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
 
 def fixed_randn(seed, *shape):
@@ -597,9 +587,8 @@ def restore(ckpt, config, state, data_gen, device):
     for group, objects in state.items():
         for name, obj in objects.items():
             obj.load_state_dict(ckpt[group][name])
-    for optimizer in state["optimizers"].values():  # --lr may change on resume
-        for group in optimizer.param_groups:
-            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    for group in (g for optimizer in state["optimizers"].values() for g in optimizer.param_groups):
+        group["lr"] = config["lr"] * group.get("lr_scale", 1)  # --lr may change on resume
     if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
@@ -646,8 +635,7 @@ def save_checkpoint(config, step, state, data_gen, window, master):
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
-    if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
+    check_format(ckpt)
     models = build_models(ckpt["config"])
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
@@ -676,23 +664,19 @@ def accumulate(window, **values):
 
 def write_log_row(log_path, step, window, seconds, timed_steps, config):
     """Append the window's means to log.jsonl and print them, with the speed and the time left."""
-    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
-    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
-           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    row = {"step": step, **{k: float(v) / window["steps"] for k, v in window.items() if k != "steps"},
+           "ms_per_step": 1000 * seconds / timed_steps, "images_per_s": timed_steps * config["batch_size"] / seconds}
     if torch.cuda.is_initialized():
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
-    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
-          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
-          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+          + f" | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
 def plot_curves(log_path, out_dir, keys):
     """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return

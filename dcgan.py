@@ -74,8 +74,7 @@ def upsample_block(in_ch, out_ch, mode):
     """Double the size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016)."""
     if mode == "convtranspose":
         return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=False)
-    align = dict(align_corners=False) if mode == "bilinear" else {}
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode, **align), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
 
 class Generator(nn.Sequential):
     """z (nz) -> image (channels x img_size x img_size) in [-1, 1]: depth blocks of (transposed) conv, batch norm
@@ -83,7 +82,6 @@ class Generator(nn.Sequential):
     img_size / 2^depth; each later one doubles the size and halves the width. The default depth gives the DCGAN tables:
     img_size 32: nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
     img_size 64: nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64"""
-
     def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose", depth=None):
         depth = depth or int(math.log2(img_size)) - 2
         start, width = img_size // 2 ** depth, ngf * 2 ** (depth - 1)
@@ -105,7 +103,6 @@ def strided_convs(channels, ndf, n_layers, slope):
 class Discriminator(nn.Sequential):
     """image -> one logit, G mirrored; the handouts' final sigmoid lives in the loss (BCE with logits).
     img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> (ndf*2) x 16 x 16 -> (ndf*4) x 8 x 8 -> (ndf*8) x 4 x 4 -> 1"""
-
     def __init__(self, ndf, channels, img_size, slope=0.2):
         layers, width = strided_convs(channels, ndf, int(math.log2(img_size)) - 2, slope)
         super().__init__(*layers, nn.Conv2d(width, 1, 4, 1, 0, bias=False), nn.Flatten(0))
@@ -114,7 +111,6 @@ class DepthDiscriminator(nn.Sequential):
     """image -> one logit, of depth 1 to 5: depth strided convs, a conv taking the start x start map to 1 x 1 with
     a LeakyReLU, then a linear layer. img_size 32, depth 3:
     C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1"""
-
     def __init__(self, ndf, channels, img_size, depth, slope=0.2):
         layers, width = strided_convs(channels, ndf, depth, slope)
         super().__init__(*layers, nn.Conv2d(width, width, img_size // 2 ** depth, 1, 0, bias=False),
@@ -122,7 +118,6 @@ class DepthDiscriminator(nn.Sequential):
 
 class MLPGenerator(nn.Sequential):
     """The fully connected baseline: nz -> 4ngf -> 8ngf -> 16ngf -> C*H*W."""
-
     def __init__(self, nz, ngf, channels, img_size):
         widths, layers = [nz, ngf * 4, ngf * 8, ngf * 16], [nn.Flatten()]
         for a, b in zip(widths[:-1], widths[1:]):
@@ -132,20 +127,17 @@ class MLPGenerator(nn.Sequential):
 
 class MLPDiscriminator(nn.Sequential):
     """C*H*W -> 8ndf -> 4ndf -> 1 logit."""
-
     def __init__(self, ndf, channels, img_size, slope=0.2):
         super().__init__(nn.Flatten(), nn.Linear(channels * img_size * img_size, ndf * 8), nn.LeakyReLU(slope, True),
                          nn.Linear(ndf * 8, ndf * 4), nn.LeakyReLU(slope, True), nn.Linear(ndf * 4, 1), nn.Flatten(0))
 
 def init_weights(module):
-    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. §4)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales, zero biases (Radford et al. §4)."""
+    batch_norm = isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))
+    if batch_norm or isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 1.0 if batch_norm else 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
 
 def build_models(config):
     c, s, depth, slope, ndf = (config[k] for k in ("channels", "img_size", "depth", "leaky_slope", "ndf"))
@@ -263,8 +255,7 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--d_steps", type=number(int, 1, 100), default=1, help="D updates per iteration")
     p.add_argument("--g_steps", type=number(int, 1, 100), default=1, help="G updates per iteration")
     p.add_argument("--augment", type=augment_policy, default="translation,cutout",
-                   help="differentiable augmentation of what D sees (Zhao et al. 2020): none, or a comma list of "
-                        "color, translation, cutout")
+                   help="DiffAugment of what D sees, real and fake: none or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=10000)
     if args.depth and args.arch == "mlp":
@@ -314,7 +305,7 @@ def main(argv=None):
                 real_logits = D_train(diff_augment(real, policy)).float()
                 fake_logits = D_train(diff_augment(fake.detach(), policy)).float()
                 loss_D = discriminator_loss(loss_kind, real_logits, fake_logits)
-            optimizers["D"].zero_grad(set_to_none=True)
+            optimizers["D"].zero_grad()
             loss_D.backward()
             optimizers["D"].step()
 
@@ -326,7 +317,7 @@ def main(argv=None):
                     fake = G_train(torch.randn(local_batch, nz, device=device))
                 fake_logits_G = D_judge(diff_augment(fake, policy)).float()
                 loss_G = generator_loss(loss_kind, fake_logits_G)
-            optimizers["G"].zero_grad(set_to_none=True)
+            optimizers["G"].zero_grad()
             loss_G.backward()
             optimizers["G"].step()
         D.requires_grad_(True)
@@ -364,10 +355,11 @@ RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interva
 def number(cast, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
-        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
-                and (value < high if high_open else value <= high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        value = cast(text)
+        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+                and not (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}")
         return value
     return parse
 
@@ -404,23 +396,25 @@ def parse_config(get_args, argv):
     path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        check_format(ckpt)
     except Exception as e:  # torch raises several types for a missing, torn or foreign file
         fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
-             f"another script wrote it): start a new run, or use the version that wrote it")
     config = vars(get_args(argv, ckpt["config"]))
     fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
     return config, ckpt
 
+def check_format(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"this is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+                         f"another script wrote it): start a new run, or use the version that wrote it")
+
 def setup_distributed(config):
     """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
     if name == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -444,8 +438,8 @@ def train_data(config, device):
 
 def cpu_computes_bfloat16():
     """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                     or torch.cpu._is_amx_tile_supported())
 
 def time_trial(step, device, dtype, repeats=3):
     """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
@@ -472,8 +466,7 @@ def choose_precision(config, device, trial_step):
             choice = [config["precision"]]
             torch.distributed.broadcast_object_list(choice, src=0)
             config["precision"] = choice[0]
-    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
-                                                                    if config["dtype_trial_ms"] else ""))
+    print(f"--dtype {config['dtype']}: {config['precision']} (trial step, ms: {config['dtype_trial_ms'] or 'none'})")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
 
 def fixed_randn(seed, *shape):
@@ -487,9 +480,8 @@ def restore(ckpt, config, state, data_gen, device):
     for group, objects in state.items():
         for name, obj in objects.items():
             obj.load_state_dict(ckpt[group][name])
-    for optimizer in state["optimizers"].values():  # --lr may change on resume
-        for group in optimizer.param_groups:
-            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    for group in (g for optimizer in state["optimizers"].values() for g in optimizer.param_groups):
+        group["lr"] = config["lr"] * group.get("lr_scale", 1)  # --lr may change on resume
     if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
@@ -536,8 +528,7 @@ def save_checkpoint(config, step, state, data_gen, window, master):
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
-    if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
+    check_format(ckpt)
     models = build_models(ckpt["config"])
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
@@ -566,23 +557,19 @@ def accumulate(window, **values):
 
 def write_log_row(log_path, step, window, seconds, timed_steps, config):
     """Append the window's means to log.jsonl and print them, with the speed and the time left."""
-    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
-    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
-           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    row = {"step": step, **{k: float(v) / window["steps"] for k, v in window.items() if k != "steps"},
+           "ms_per_step": 1000 * seconds / timed_steps, "images_per_s": timed_steps * config["batch_size"] / seconds}
     if torch.cuda.is_initialized():
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
-    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
-          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
-          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+          + f" | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
 def plot_curves(log_path, out_dir, keys):
     """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return

@@ -2,17 +2,18 @@
 
     python evaluate.py --ckpt out/dcgan/ckpt.pt                # FID (+ spread, limit), KID, IS, PR/DC, classes
     python evaluate.py --ckpt out/vae/ckpt.pt --json vae.json  # the same + reconstruction MSE, bits/dim
-    python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, LPIPS, FID (+ bilinear baseline)
+    python evaluate.py --ckpt out/srgan/ckpt.pt                # MSE, PSNR, SSIM, LPIPS, FID (+ bilinear baseline)
+    python evaluate.py --ckpt out/cgan/ckpt.pt --save_samples s/  # + intra-class FID; the images scored, as PNGs
     python evaluate.py --real DIR_OR_NPY --fake DIR_OR_NPY     # like python -m pytorch_fid A B
     python evaluate.py --real DIR_OR_NPY --save_stats ref.npz  # like python -m pytorch_fid --save-stats A ref.npz
 
-What is measured depends on what the checkpoint's script defines (README: "The model interface"): `generate` ->
-FID with its bootstrap spread and its extrapolation to infinitely many samples, KID, Inception Score,
-precision/recall/density/coverage and, on labelled data, the class histogram of the samples (also drawn as a bar
-chart); `encode` + `log_importance_weights` -> reconstruction MSE and bits per dimension; `upscale` + `degrade` ->
-MSE, PSNR, LPIPS and FID, each also of the bilinear-upsampled input, the baseline a super-resolution network has to
-beat. FID, KID and IS use pytorch-fid's TensorFlow-ported Inception and its preprocessing, so FID matches
-`python -m pytorch_fid` on the same PNGs. Every model output is rounded to uint8 as saving it as a PNG rounds it.
+What is measured depends on what the checkpoint's script defines (docs/interface.md): `generate` -> FID with its
+bootstrap spread and its limit for infinitely many samples (and, class-conditional, intra-class FID), KID, Inception
+Score, precision/recall/density/coverage and, on labelled data, the class histogram of the samples (also drawn as a
+bar chart); `encode` + `log_importance_weights` -> reconstruction MSE and bits per dimension; `upscale` + `degrade` ->
+MSE, PSNR, SSIM, LPIPS and FID, each also of the bilinear-upsampled input, the baseline to beat. FID, KID and IS use
+pytorch-fid's TensorFlow-ported Inception and its preprocessing, so FID matches `python -m pytorch_fid` on the same
+PNGs. Every model output is rounded to uint8 as saving it as a PNG rounds it; --save_samples writes those images.
 Only the project's model scripts are imported, or the one --script names: a checkpoint never chooses code.
 """
 import argparse
@@ -63,18 +64,14 @@ CLASSIFIER_VERSION = 1  # part of the classifier's cache key: bump when its reci
 RESIZE_PATH = ("uint8 / 255, bilinear to 299x299 (align_corners=False, no antialias), then 2x - 1; "
                "gray repeated to RGB (pytorch-fid's preprocessing)")
 METRICS = {"generator": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc", "classes"], "vae": ["mse", "bpd"],
-           "sr": ["mse", "psnr", "lpips", "fid"], "images": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc"]}
+           "sr": ["mse", "psnr", "ssim", "lpips", "fid"], "images": ["fid", "fid_std", "fid_inf", "kid", "is", "prdc"]}
 METRIC_ALIASES = {"digits": "classes",  # the name of `classes` before it served any labelled dataset
                   "precision": "prdc", "recall": "prdc", "density": "prdc", "coverage": "prdc"}
 
-
 # -----------------------------------------------------------------------------
 # Weights files: a path given by the user, or the torch hub cache (downloaded there if missing)
-
-
 def hub_checkpoints():
     return Path(torch.hub.get_dir()) / "checkpoints"
-
 
 def download(url, dst):
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +79,6 @@ def download(url, dst):
     with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
         shutil.copyfileobj(response, f)
     os.replace(tmp, dst)
-
 
 def find_weights(url, path=None, flag=None):
     """The weights file named by `url`: `path` if given, else the hub cache, downloading it there if missing."""
@@ -103,20 +99,15 @@ def find_weights(url, path=None, flag=None):
     print(f"evaluate.py: downloaded {url} to {cached}", file=sys.stderr)
     return cached
 
-
 # -----------------------------------------------------------------------------
 # The FID Inception: torchvision's Inception v3 with the differences of the
 # TensorFlow graph (as in pytorch-fid), 1008 classes
-
-
 def tf_avg_pool(x):
     # TensorFlow's 3x3 average pool does not count the zero padding at the borders
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
-
 def max_pool(x):
     return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
 
 class TFInceptionA(tv_inception.InceptionA):
     def forward(self, x):
@@ -124,14 +115,12 @@ class TFInceptionA(tv_inception.InceptionA):
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(tf_avg_pool(x))], 1)
 
-
 class TFInceptionC(tv_inception.InceptionC):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7dbl = self.branch7x7dbl_2(self.branch7x7dbl_1(x))
         b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(b7dbl)))
         return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))], 1)
-
 
 class TFInceptionE(tv_inception.InceptionE):
     def __init__(self, in_channels, pool=tf_avg_pool):
@@ -144,7 +133,6 @@ class TFInceptionE(tv_inception.InceptionE):
         b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1)
         return torch.cat([self.branch1x1(x), b3, b3dbl, self.branch_pool(self.pool(x))], 1)
-
 
 class FIDInception(tv_inception.Inception3):
     """uint8 images N x C x H x W -> (2048-d pool features, 1008 logits), preprocessed as pytorch-fid's CLI."""
@@ -172,7 +160,6 @@ class FIDInception(tv_inception.Inception3):
         pool = x.mean((2, 3))
         return pool, self.fc(pool)
 
-
 @torch.no_grad()
 def fold_batchnorm(net):
     """Merge each eval-mode batch norm into the conv before it: the same function, faster on CPU."""
@@ -183,7 +170,6 @@ def fold_batchnorm(net):
             conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
             conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
             block.bn = nn.Identity()
-
 
 def load_inception(path=None, device="cpu"):
     """The FID Inception in eval mode, weights from `path` or the hub cache (downloaded if missing)."""
@@ -201,10 +187,8 @@ def load_inception(path=None, device="cpu"):
     fold_batchnorm(net)
     return net.eval().to(device, memory_format=torch.channels_last)
 
-
 def progress(total, desc):
     return tqdm(total=total, desc=desc, unit="img", disable=None, leave=False, file=sys.stderr)
-
 
 @torch.inference_mode()
 def inception_outputs(model, images, workers=None):
@@ -223,13 +207,11 @@ def inception_outputs(model, images, workers=None):
         torch.set_num_threads(threads)
     return torch.cat([f for f, _ in outputs]), torch.cat([logits for _, logits in outputs])
 
-
 def cpu_workers(device):
     """A pool of one worker per CPU thread for inception_outputs, or, where it would not help, a context
     that gives None."""
     threads = torch.get_num_threads()
     return ThreadPoolExecutor(threads) if torch.device(device).type == "cpu" and threads > 1 else nullcontext()
-
 
 @torch.inference_mode()
 def inception_features(images, model, batch_size=50, device="cpu", desc=None):
@@ -243,21 +225,16 @@ def inception_features(images, model, batch_size=50, device="cpu", desc=None):
             bar.update(len(f))
     return torch.cat(features), torch.cat(logits)
 
-
 # -----------------------------------------------------------------------------
 # FID, KID, Inception Score
-
-
 def feature_statistics(features):
     f = np.asarray(features, dtype=np.float64)
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))  # np.cov of one feature is a number
-
 
 def psd_sqrt(sigma):
     """The symmetric square root of a covariance matrix, from its eigenvalues."""
     w, v = scipy.linalg.eigh(sigma)
     return (v * np.sqrt(zero_rounding_noise(w))) @ v.T
-
 
 def trace_sqrt_product(sigma1, sigma2):
     """Tr((S1 S2)^1/2) of two covariance matrices, singular ones included.
@@ -270,10 +247,8 @@ def trace_sqrt_product(sigma1, sigma2):
     root = psd_sqrt(sigma1)
     return sqrt_eigenvalue_sum(root @ sigma2 @ root)
 
-
 def sqrt_eigenvalue_sum(m):
     return np.sqrt(zero_rounding_noise(scipy.linalg.eigvalsh((m + m.T) / 2))).sum()
-
 
 def zero_rounding_noise(eigenvalues):
     # below this bound (numpy's matrix_rank tolerance) an eigenvalue is the solver's rounding error:
@@ -281,18 +256,24 @@ def zero_rounding_noise(eigenvalues):
     bound = eigenvalues.max() * len(eigenvalues) * np.finfo(eigenvalues.dtype).eps
     return np.where(eigenvalues > bound, eigenvalues, 0.0)
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
+def features_frechet_distance(a, b):
+    """FID between two sets of features (rows). With fewer rows than dimensions: A, B the centred features,
+    Tr (S_a S_b)^1/2 is the sum of the singular values of A B^T / sqrt((n_a - 1)(n_b - 1)), only n_a x n_b."""
+    if min(len(a), len(b)) > a.shape[1]:
+        return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    a, b = (np.asarray(f, dtype=np.float64) for f in (a, b))
+    ca, cb, diff = a - a.mean(0), b - b.mean(0), a.mean(0) - b.mean(0)
+    trace_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+    return float(diff @ diff + (ca ** 2).sum() / (len(a) - 1) + (cb ** 2).sum() / (len(b) - 1) - 2 * trace_sqrt)
 
 # -----------------------------------------------------------------------------
 # How far FID is from its limit: bootstrap spread, FID extrapolated to infinitely many images
-
-
 class FrechetToReference:
     """FID of a set of generated features, and of subsets of it, against one reference (mu, sigma).
 
@@ -318,14 +299,12 @@ class FrechetToReference:
         diff = mu - self.mu
         return float(diff @ diff + self.trace + ((f - mu) ** 2).sum() / (n - 1) - 2 * trace_sqrt)
 
-
 def fid_bootstrap_std(fid_of, resamples, seed=0):
     """Standard deviation (ddof 1) of FID over bootstrap resamples of the generated features: each
     resample draws n indices with replacement, from numpy's default_rng(seed)."""
     n = len(fid_of.features)
     rng = np.random.default_rng(seed)
     return float(np.std([fid_of(rng.integers(0, n, n)) for _ in range(resamples)], ddof=1))
-
 
 def fid_infinity(fid_of, points=FID_INF_POINTS, seed=0):
     """FID extrapolated to infinitely many generated images (Chong & Forsyth, CVPR 2020): (FID_inf, sizes).
@@ -341,20 +320,15 @@ def fid_infinity(fid_of, points=FID_INF_POINTS, seed=0):
     _, intercept = np.polyfit(1.0 / sizes, fids, 1)
     return float(intercept), sizes
 
-
 # -----------------------------------------------------------------------------
 # Precision, recall (Kynkäänniemi et al. 2019), density, coverage (Naeem et al. 2020)
-
-
 def squared_distances(a, b):
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T).clamp_min_(0)
-
 
 def knn_squared_radii(x, k, chunk=1024):
     """Squared distance from each row of x to its k-th nearest other row (the row itself is the nearest)."""
     return torch.cat([squared_distances(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(x), chunk)])
-
 
 def precision_recall_density_coverage(real, fake, k=PRDC_K, chunk=1024):
     """The four numbers on features, each real (generated) image owning the ball that reaches its k-th
@@ -381,15 +355,12 @@ def precision_recall_density_coverage(real, fake, k=PRDC_K, chunk=1024):
     return {"precision": in_real_ball.double().mean().item(), "recall": recalled.double().mean().item(),
             "density": real_balls_per_fake.mean().item() / k, "coverage": covered.double().mean().item()}
 
-
 def polynomial_kernel(x, y):
     return (x @ y.T / x.shape[1] + 1) ** 3
-
 
 def mean_off_diagonal_kernel(x):
     k = polynomial_kernel(x, x)
     return (k.sum() - np.trace(k)) / (len(x) * (len(x) - 1))
-
 
 def kernel_inception_distance(real, fake, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
     """Unbiased MMD^2 with the kernel (x.y/d + 1)^3 over random subsets of both sets: (mean, std).
@@ -415,7 +386,6 @@ def kernel_inception_distance(real, fake, subsets=KID_SUBSETS, subset_size=KID_S
         values.append(xx + yy - 2 * polynomial_kernel(x, y).mean())
     return float(np.mean(values)), float(np.std(values))
 
-
 def inception_score(logits, splits=IS_SPLITS):
     """exp(E_x KL(p(y|x) || p(y))) on each of `splits` consecutive parts: (mean, std), as the original TF code."""
     log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
@@ -428,11 +398,8 @@ def inception_score(logits, splits=IS_SPLITS):
         scores.append(math.exp(kl.item()))
     return float(np.mean(scores)), float(np.std(scores))
 
-
 # -----------------------------------------------------------------------------
 # Real-image features, cached on disk by content
-
-
 def content_key(*tensors):
     h = hashlib.sha256()
     for t in tensors:
@@ -441,14 +408,12 @@ def content_key(*tensors):
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
-
 def save_atomic(save, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         save(f)
     os.replace(tmp, path)
-
 
 def real_features(images, name, inception, args):
     """Inception features of the real images: from --cache_dir when seen before (same pixels, same weights)."""
@@ -460,7 +425,6 @@ def real_features(images, name, inception, args):
         save_atomic(lambda f: np.save(f, features), path)
     return features
 
-
 @dataclasses.dataclass
 class RealSide:
     """What the samples are compared with: the real images' Inception features and their statistics,
@@ -469,17 +433,15 @@ class RealSide:
     sigma: np.ndarray
     features: np.ndarray = None
     count: int = None
-
+    labels: torch.Tensor = None  # of the real images, where the checkpoint's data has them
 
 def real_side(features, what="the real set"):
     check_count(len(features), what)
     return RealSide(*feature_statistics(features), features=features, count=len(features))
 
-
 def check_count(n, what):
     if n < 2:  # the covariance of one image is NaN
         raise ValueError(f"{what} holds {n} image{'s' * (n != 1)}; FID and the other metrics need at least 2")
-
 
 def load_statistics(path):
     """mu and sigma from a .npz as pytorch-fid's --save-stats writes it."""
@@ -497,7 +459,6 @@ def load_statistics(path):
                          "pool features (pytorch-fid's default --dims 2048)")
     return RealSide(mu.astype(np.float64), sigma.astype(np.float64))
 
-
 def save_statistics(path, real):
     """mu and sigma in pytorch-fid's format, which python -m pytorch_fid reads in place of a folder."""
     try:
@@ -507,16 +468,12 @@ def save_statistics(path, real):
     count = f"{real.count:,} real images" if real.count else "the real statistics"
     print(f"evaluate.py: wrote mu and sigma of {count} to {path}", file=sys.stderr)
 
-
 # -----------------------------------------------------------------------------
 # Label classifier: how generated samples spread over the classes of a labelled dataset (mode collapse)
-
-
 def label_classifier(n_classes):
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, n_classes))
-
 
 def classifier_input(images):
     """uint8 N x C x H x W -> gray float N x 1 x 28 x 28 in [0, 1], whatever the dataset's size and channels."""
@@ -525,13 +482,11 @@ def classifier_input(images):
         x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
     return x
 
-
 @torch.inference_mode()
 def classify(model, images, batch_size=500):
     device = next(model.parameters()).device
     return torch.cat([model(classifier_input(images[i:i + batch_size].to(device))).argmax(1).cpu()
                       for i in range(0, len(images), batch_size)])
-
 
 def train_label_classifier(images, labels, n_classes, device, epochs=8, max_steps=2000, batch_size=64, seed=0):
     torch.manual_seed(seed)
@@ -550,7 +505,6 @@ def train_label_classifier(images, labels, n_classes, device, epochs=8, max_step
         optimizer.step()
     return model.eval()
 
-
 def class_ids(labels):
     """The number of classes when labels are class ids (1-D, small ints, -1 = unlabelled), else None."""
     if labels is None or labels.ndim != 1 or labels.dtype.is_floating_point or not (labels >= 0).any():
@@ -558,7 +512,6 @@ def class_ids(labels):
     if labels.min() < -1 or labels.max() >= 1000:
         return None
     return int(labels.max()) + 1
-
 
 def load_label_classifier(train, test, device, cache_dir=None):
     """A small CNN trained on (images, labels) `train`, cached by content: (model, test accuracy)."""
@@ -586,7 +539,6 @@ def load_label_classifier(train, test, device, cache_dir=None):
         save_atomic(lambda f: torch.save(state, f), path)
     return model, accuracy
 
-
 def class_metrics(predicted, requested, real_labels, n_classes, accuracy):
     """Rows: classifier accuracy, class histogram of the samples, its distance to the real mix, agreement."""
     counts = torch.bincount(predicted, minlength=n_classes)
@@ -599,7 +551,6 @@ def class_metrics(predicted, requested, real_labels, n_classes, accuracy):
         rows.append(("class_agreement", (predicted == requested).double().mean().item(),
                      "classifier agrees with the requested class"))
     return rows
-
 
 def draw_class_histogram(counts, real_labels, path, class_names=None):
     """Bar chart of the samples' class mix beside the real one (the MNIST homework's mode-collapse count).
@@ -629,17 +580,42 @@ def draw_class_histogram(counts, real_labels, path, class_names=None):
         return f"no bar chart: cannot write {path} ({e.strerror or e})"
     return f"bar chart beside the real mix: {path}"
 
-
 # -----------------------------------------------------------------------------
 # Images from a checkpoint's script, or from a folder / .npy file
-
-
 def to_uint8(x):
     """Float images in [0, 1] -> uint8, rounded as torchvision.utils.save_image rounds them for a PNG."""
     if not torch.isfinite(x).all():
         raise ValueError("the model produced NaN or infinite pixels")
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
+class SampleWriter:
+    """--save_samples: the uint8 images that are scored, as lossless PNGs 000000.png, 000001.png, ... in a new or
+    empty folder, or, for a path ending in .npy, as one uint8 array N x H x W x C (what --real and --fake read)."""
+
+    def __init__(self, path):
+        self.path, self.arrays, self.count = Path(path), [], 0
+        folder = self.path.parent if self.path.suffix == ".npy" else self.path
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"--save_samples {path}: cannot create it ({e.strerror or e})") from None
+        if folder == self.path and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in folder.iterdir()):
+            raise ValueError(f"--save_samples {path} already holds images; give a new or empty folder")
+
+    def __call__(self, images):
+        """Write a batch of uint8 images N x C x H x W; return it."""
+        arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+        if self.path.suffix == ".npy":
+            self.arrays.append(arrays)
+        for i, a in enumerate(arrays if self.path.suffix != ".npy" else [], self.count):
+            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(self.path / f"{i:06d}.png")
+        self.count += len(arrays)
+        return images
+
+    def close(self):
+        if self.arrays:
+            save_atomic(lambda f: np.save(f, np.concatenate(self.arrays)), self.path)
+        print(f"evaluate.py: wrote the {self.count:,} images scored to {self.path}", file=sys.stderr)
 
 def read_rgb(path):
     try:
@@ -647,7 +623,6 @@ def read_rgb(path):
             return np.asarray(image.convert("RGB"))
     except OSError as e:  # PIL's messages for a truncated file do not name it
         raise OSError(f"{path}: cannot read it as an image ({e})") from None
-
 
 def load_image_set(path):
     """uint8 N x C x H x W from a folder of images (non-recursive, as pytorch-fid) or an .npy array."""
@@ -673,7 +648,6 @@ def load_image_set(path):
         return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
     raise FileNotFoundError(f"{path} is neither a folder of images nor an .npy file")
 
-
 def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -684,7 +658,6 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"script", "config", "models"} <= set(ckpt):
         raise ValueError(f"{path} is not a checkpoint of this project (no script/config/models entries)")
     return ckpt
-
 
 def import_script(name, path=None):
     """The model script that wrote a checkpoint: the project's file of that name beside evaluate.py, or the file the
@@ -709,7 +682,6 @@ def import_script(name, path=None):
         raise ImportError(f"cannot import {path} ({type(e).__name__}: {e})") from None
     return module
 
-
 def real_data(module, config, split):
     """module.real_images(config, split), with faults of the data named in one line: a data_dir that is gone
     from where the checkpoint's config says (or is a file), labels that do not match the images."""
@@ -726,7 +698,6 @@ def real_data(module, config, split):
                          f"{len(images):,} images; remake it with: python {prepare}")
     return images, labels
 
-
 def load_models(module, ckpt, path, device):
     """module.load_models, with what a checkpoint of the wrong kind raises (a state dict that does not fit,
     a config without the script's entries) turned into one line."""
@@ -740,13 +711,11 @@ def load_models(module, ckpt, path, device):
         raise ValueError(f"{path} does not load into {ckpt['script']}.py's models "
                          f"({type(e).__name__}: {detail})") from None
 
-
 def model_kinds(module):
     """What a script can be asked, by the functions it defines (README: "The model interface")."""
     needs = {"generator": ("generate", "sample_latent"), "vae": ("encode", "log_importance_weights"),
              "sr": ("upscale", "degrade")}
     return [kind for kind, names in needs.items() if all(hasattr(module, name) for name in names)]
-
 
 def choose_metrics(requested, kinds, what):
     applicable = list(dict.fromkeys(m for kind in kinds for m in METRICS[kind]))
@@ -761,20 +730,20 @@ def choose_metrics(requested, kinds, what):
         raise ValueError(f"--metrics {','.join(wrong)}: not for {what} (choose from {','.join(applicable)})")
     return chosen
 
-
-def generated_batches(module, models, config, n, batch_size, device, seed):
-    """n samples as uint8 batches, with the requested classes for a conditional model (else None)."""
+def generated_batches(module, models, config, n, batch_size, device, seed, class_id=None):
+    """n samples as uint8 batches, with the requested classes for a conditional model (else None): every class in
+    turn, so that each gets n / n_classes samples, or only `class_id`."""
     n_classes = int(config.get("n_classes", 0) or 0)
     g = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         z = module.sample_latent(config, b, device, generator=g)
-        if n_classes > 0:  # cycle through the classes so that every class gets n / n_classes samples
+        if n_classes > 0:
             labels = torch.arange(start, start + b, device=device) % n_classes
+            labels = labels if class_id is None else torch.full_like(labels, class_id)
             yield to_uint8(module.generate(models, z, labels)), labels
         else:
             yield to_uint8(module.generate(models, z)), None
-
 
 @torch.inference_mode()
 def generated_pass(batches, n, inception, classifier, device):
@@ -793,25 +762,21 @@ def generated_pass(batches, n, inception, classifier, device):
             bar.update(len(images))
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
-
 # -----------------------------------------------------------------------------
 # VAE: reconstruction error and bits per dimension
-
-
 @torch.inference_mode()
-def posterior_mean_reconstruction_mse(module, models, images, batch_size, device):
+def posterior_mean_reconstruction_mse(module, models, images, batch_size, device, save=None):
     """Mean squared error in [0, 1] units between images x and generate(mu), mu the posterior mean of encode(x),
-    the reconstruction rounded to uint8 as a saved PNG would be."""
+    the reconstruction rounded to uint8 as a saved PNG would be (and handed to `save`)."""
     total = 0.0
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float() / 255
         mu, _ = module.encode(models, x)
-        recon = to_uint8(module.generate(models, mu)).float() / 255
+        recon = (save or (lambda r: r))(to_uint8(module.generate(models, mu))).float() / 255
         if recon.shape != x.shape:
             raise ValueError(f"reconstructions are {tuple(recon.shape[1:])}, images {tuple(x.shape[1:])}")
         total += (recon - x).pow(2).sum().item()
     return total / images.numel()
-
 
 def importance_log_likelihood(module, models, x, k):
     """log p(x) ~ logsumexp_j w_j - log k, w_j = log p(x, z_j) - log q(z_j | x), z_j ~ q(z | x): (N,) float64."""
@@ -823,7 +788,6 @@ def importance_log_likelihood(module, models, x, k):
             raise ValueError(f"log_importance_weights returned {tuple(w.shape)}, expected (k, N)")
         log_w.append(w.double())
     return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)
-
 
 @torch.inference_mode()
 def bits_per_dim(module, models, images, k, batch_size, device, seed=0):
@@ -844,11 +808,8 @@ def bits_per_dim(module, models, images, k, batch_size, device, seed=0):
             bar.update(len(x))
     return total / len(images)
 
-
 # -----------------------------------------------------------------------------
 # Super-resolution: MSE, PSNR, LPIPS of the outputs and of the bilinear input
-
-
 def load_lpips(net, device):
     try:
         import lpips  # only super-resolution needs it
@@ -859,7 +820,6 @@ def load_lpips(net, device):
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, verbose=False)
     return model.eval().to(device)
-
 
 def lpips_if_available(metrics, args):
     """(LPIPS model, None), or (None, why not) when it cannot be loaded and --metrics did not name it:
@@ -873,7 +833,6 @@ def lpips_if_available(metrics, args):
             raise
         return None, f"unavailable: {e}"
 
-
 @torch.inference_mode()
 def lpips_distances(model, x, y):
     """LPIPS of each pair, x and y float N x C x H x W in [0, 1] (gray repeated to RGB): (N,)."""
@@ -881,17 +840,33 @@ def lpips_distances(model, x, y):
         x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
     return model(x, y, normalize=True).flatten()
 
+def ssim(x, y, size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """SSIM (Wang et al., IEEE TIP 2004) of each pair of images N x C x H x W in [0, 1] (data range 1): local means,
+    variances (population) and covariance under a size x size Gaussian window, averaged over every position where the
+    window fits (a valid convolution: skimage's structural_similarity crops the same border) and the channels: (N,).
+    The window is separable: a band matrix of shifted 1-D Gaussians blurs the columns, another the rows."""
+    g = torch.exp(-(torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    rows, cols = (torch.stack([F.pad(g, (i, n - size - i)) for i in range(n - size + 1)]) for n in x.shape[2:])
+    mx, my, xx, yy, xy = rows @ torch.stack([x, y, x * x, y * y, x * y]) @ cols.T
+    c1, c2 = k1 ** 2, k2 ** 2
+    s = (2 * mx * my + c1) * (2 * (xy - mx * my) + c2) / ((mx * mx + my * my + c1) * (xx - mx * mx + yy - my * my + c2))
+    return s.flatten(1).mean(1)
+
 
 @torch.inference_mode()
-def super_resolution_pass(module, models, config, images, batch_size, device, lpips_model, inception):
-    """Per-image MSE, PSNR (and LPIPS) of upscale(degrade(x)) and of degrade(x), averaged, and the Inception
-    features of both (keys "" and "_bilinear")."""
+def super_resolution_pass(module, models, config, images, batch_size, device, lpips_model, inception, save=None):
+    """Per-image MSE, PSNR, SSIM (and LPIPS) of upscale(degrade(x)) and of degrade(x), averaged, and the Inception
+    features of both (keys "" and "_bilinear"); `save` gets the uint8 outputs. SSIM is computed in float64 on the CPU
+    (in float32 it moves by 1e-6 on flat digits, and MPS has no float64)."""
     per_image, features = {}, {}
     with progress(len(images), "super-resolution") as bar, cpu_workers(device) as workers:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device).float() / 255
             low = module.degrade(x, config)
             outputs = {"": to_uint8(module.upscale(models, low)), "_bilinear": to_uint8(low)}
+            if save:
+                save(outputs[""])
             for suffix, y in outputs.items():
                 if y.shape != x.shape:
                     raise ValueError(f"super-resolution output is {tuple(y.shape[1:])}, images {tuple(x.shape[1:])}")
@@ -899,6 +874,7 @@ def super_resolution_pass(module, models, config, images, batch_size, device, lp
                 mse = (y - x).pow(2).flatten(1).mean(1)
                 per_image.setdefault("mse" + suffix, []).append(mse.cpu())
                 per_image.setdefault("psnr" + suffix, []).append((-10 * torch.log10(mse.clamp_min(1e-10))).cpu())
+                per_image.setdefault("ssim" + suffix, []).append(ssim(*(t.cpu().double() for t in (y, x))))
                 if lpips_model is not None:
                     per_image.setdefault("lpips" + suffix, []).append(lpips_distances(lpips_model, y, x).cpu())
                 if inception is not None:
@@ -908,11 +884,8 @@ def super_resolution_pass(module, models, config, images, batch_size, device, lp
     means = {k: torch.cat(v).double().mean().item() for k, v in per_image.items()}
     return means, {k: torch.cat(v).numpy() for k, v in features.items()}
 
-
 # -----------------------------------------------------------------------------
 # Putting it together
-
-
 def distribution_rows(metrics, real, fake, fake_logits, inception, seed, fake_name="generated",
                        bootstraps=FID_BOOTSTRAPS):
     """FID (with its spread and limit), KID, IS, precision/recall/density/coverage rows from the
@@ -925,7 +898,6 @@ def distribution_rows(metrics, real, fake, fake_logits, inception, seed, fake_na
     if "prdc" in metrics:
         rows += prdc_rows(real, fake, seed, fake_name)
     return rows
-
 
 def fid_rows(metrics, real, fake, seed, fake_name, bootstraps):
     n = len(fake)
@@ -945,14 +917,12 @@ def fid_rows(metrics, real, fake, seed, fake_name, bootstraps):
                                        f"{len(sizes)} subsets of {sizes[0]:,} to {sizes[-1]:,}"))
     return rows
 
-
 def kid_rows(real, fake, seed):
     if real.features is None:
         return [("kid", None, "unavailable: --real is statistics (.npz); KID needs the images' features")]
     mean, std = kernel_inception_distance(real.features, fake, seed=seed)
     size = min(KID_SUBSET_SIZE, len(real.features), len(fake))
     return [("kid", mean, f"{KID_SUBSETS} subsets of {size}"), ("kid_std", std, "over the subsets")]
-
 
 def is_rows(fake_logits, inception, fake_name):
     if not inception.has_classifier:
@@ -961,7 +931,6 @@ def is_rows(fake_logits, inception, fake_name):
         return [("is", None, f"unavailable: needs at least {IS_SPLITS} images")]
     mean, std = inception_score(fake_logits)
     return [("is", mean, f"{IS_SPLITS} splits of the {fake_name} images"), ("is_std", std, "over the splits")]
-
 
 def prdc_rows(real, fake, seed, fake_name):
     """Precision, recall, density, coverage on equally many real and generated images (a random subset of
@@ -984,13 +953,11 @@ def prdc_rows(real, fake, seed, fake_name):
              "coverage": "share of real neighbourhoods holding a sample"}
     return [(name, values[name], notes[name]) for name in names]
 
-
 def warn_few(metrics, n_real, n_fake):
     if "fid" in metrics and min(n_real or n_fake, n_fake) < FEW_SAMPLES:
         real = f"{n_real:,} real" if n_real else "real statistics"
         print(f"evaluate.py: warning: FID on fewer than {FEW_SAMPLES:,} images ({n_fake:,} generated, {real}) "
               "is biased upwards; compare only with FIDs from the same numbers of images", file=sys.stderr)
-
 
 def check_memory(nbytes, what):
     """Refuse at once what would run out of memory only after hours of work."""
@@ -998,13 +965,11 @@ def check_memory(nbytes, what):
     if nbytes > total:
         raise ValueError(f"{what} would need {nbytes / 1e9:,.0f} GB of memory; this machine has {total / 1e9:,.0f} GB")
 
-
 def subset(images, n, seed):
     """A random subset of n images (in their original order), or all of them."""
     if n is None or n >= len(images):
         return images
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
-
 
 def provenance(args, inception):
     """How the numbers were made, for the JSON report."""
@@ -1014,14 +979,12 @@ def provenance(args, inception):
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                          "numpy": np.__version__, "scipy": scipy.__version__}}
 
-
 def load_real_side(args, inception):
     """--real as features of its images (cached), or as the statistics of a .npz file."""
     if Path(args.real).suffix.lower() == ".npz":
         return load_statistics(args.real)
     images = load_image_set(args.real)
     return real_side(real_features(images, Path(args.real).stem, inception, args), f"--real {args.real}")
-
 
 def evaluate_images(args):
     """--real A --fake B: FID and the rest for two sets of images; --save_stats: the statistics of A."""
@@ -1051,7 +1014,6 @@ def evaluate_images(args):
                              args.bootstrap)
     return source, rows
 
-
 def classes_setup(module, config, device, cache_dir):
     """(classifier, its accuracy on the labelled test images, their labels) when the dataset has class labels
     (unlabelled images, -1, are left out), else None."""
@@ -1063,18 +1025,33 @@ def classes_setup(module, config, device, cache_dir):
     classifier, accuracy = load_label_classifier(train, test, device, cache_dir)
     return classifier, accuracy, test[1]
 
+def intra_class_fid_rows(real, fake, requested):
+    """Intra-class FID (Miyato & Koyama, ICLR 2018): each class's samples against that class's real images, from the
+    features of fid; the mean over the classes, and each class's FID."""
+    classes = requested.unique().tolist()
+    real_labels = np.asarray(real.labels)
+    if min(min((real_labels == c).sum(), (requested == c).sum().item()) for c in classes) < 2:
+        return [("fid_intra", None, "unavailable: a class has fewer than 2 real or generated images")]
+    fids = [features_frechet_distance(real.features[real_labels == c], fake[requested.numpy() == c]) for c in classes]
+    return [("fid_intra", float(np.mean(fids)), f"intra-class FID: mean over {len(classes)} classes, each class's "
+                                                 f"{len(fake) // len(classes):,} samples vs its real images"),
+            ("fid_per_class", fids, f"FID of the classes {', '.join(map(str, classes))}")]
 
-def generator_rows(module, models, config, metrics, real, inception, args):
+def generator_rows(module, models, config, metrics, real, inception, args, save=None):
     classes, rows = None, []
     if "classes" in metrics:
         classes = classes_setup(module, config, args.device, None if args.no_cache else args.cache_dir)
         if classes is None:
             rows.append(("classifier_accuracy", None, "not applicable: the dataset has no class labels"))
-    batches = generated_batches(module, models, config, args.n, args.batch_size, args.device, args.seed)
+    batches = generated_batches(module, models, config, args.n, args.batch_size, args.device, args.seed, args.class_id)
+    batches = ((save(images), labels) for images, labels in batches) if save else batches
     out = generated_pass(batches, args.n, inception, classes[0] if classes else None, args.device)
     if inception is not None:
         rows += distribution_rows(metrics, real, out["features"].numpy(), out["logits"], inception, args.seed,
                                   bootstraps=args.bootstrap)
+    if inception is not None and "fid" in metrics and out["requested"] is not None and class_ids(real.labels):
+        at = [name for name, _, _ in rows].index("fid") + 1  # next to fid
+        rows[at:at] = intra_class_fid_rows(real, out["features"].numpy(), out["requested"])
     if classes is not None:
         classifier, accuracy, test_labels = classes
         chart = Path(args.ckpt).parent / "class_histogram.png"
@@ -1085,19 +1062,17 @@ def generator_rows(module, models, config, metrics, real, inception, args):
             rows.append((name, value, note))
     return rows
 
-
 def seed_posterior_draws(seed):
     """The model scripts draw z ~ q(z|x) from torch's global generator: seed it before each metric, so that
     the value depends on --seed alone, not on what ran before. seed + 1 keeps these draws apart from the
     dequantisation noise, whose generator gets `seed` (two generators given one seed repeat each other)."""
     torch.manual_seed(seed + 1)
 
-
-def vae_rows(module, models, metrics, images, args):
+def vae_rows(module, models, metrics, images, args, save=None):
     rows = []
-    if "mse" in metrics:
+    if "mse" in metrics or save:
         seed_posterior_draws(args.seed)
-        mse = posterior_mean_reconstruction_mse(module, models, images, args.batch_size, args.device)
+        mse = posterior_mean_reconstruction_mse(module, models, images, args.batch_size, args.device, save)
         rows.append(("mse", mse, f"reconstruction of {len(images):,} {args.split} images, [0, 1] units"))
     if "bpd" in metrics:
         seed_posterior_draws(args.seed)
@@ -1110,17 +1085,18 @@ def vae_rows(module, models, metrics, images, args):
                                      f"= {c} x bpd; not comparable with RealNVP's 3.02, which is bits/dim"))
     return rows
 
-
-def sr_rows(module, models, config, metrics, images, real, inception, lpips_model, lpips_unavailable, args):
+def sr_rows(module, models, config, metrics, images, real, inception, lpips_model, lpips_unavailable, args,
+            save=None):
     means, features = super_resolution_pass(module, models, config, images, args.batch_size, args.device,
-                                            lpips_model, inception)
+                                            lpips_model, inception, save)
     baseline = "the bilinear-upsampled input (baseline)"
     rows = []
-    for name in ("mse", "psnr", "lpips"):
+    for name in ("mse", "psnr", "ssim", "lpips"):
         if name == "lpips" and lpips_unavailable:
             rows.append((name, None, lpips_unavailable))
         elif name in metrics:
-            what = {"mse": "[0, 1] units", "psnr": "dB, per image then averaged"}.get(name, f"net={args.lpips_net}")
+            what = {"mse": "[0, 1] units", "psnr": "dB, per image then averaged", "ssim": "11x11 Gaussian window, "
+                    "sigma 1.5, valid positions, per image then averaged"}.get(name, f"net={args.lpips_net}")
             rows.append((name, means[name], f"{what}, {len(images):,} {args.split} images"))
             rows.append((name + "_bilinear", means[name + "_bilinear"], baseline))
     if "fid" in metrics:
@@ -1131,7 +1107,6 @@ def sr_rows(module, models, config, metrics, images, real, inception, lpips_mode
         rows.append(("fid_bilinear", bilinear, baseline))
     return rows
 
-
 def evaluate_checkpoint(args):
     ckpt = load_checkpoint(args.ckpt)
     config = dict(ckpt["config"])
@@ -1141,7 +1116,18 @@ def evaluate_checkpoint(args):
     kinds = model_kinds(module)
     metrics = choose_metrics(args.metrics, kinds, f"{ckpt['script']}.py")
     models = load_models(module, ckpt, args.ckpt, args.device)
-    images = subset(real_data(module, config, args.split)[0], args.n_real, args.seed)
+    images, labels = real_data(module, config, args.split)
+    if args.class_id is not None:  # the samples of one class, against the real images of that class
+        n_classes = int(config.get("n_classes") or 0)
+        if not 0 <= args.class_id < n_classes:
+            raise ValueError(f"--class {args.class_id}: {ckpt['script']}.py here has " + (
+                f"the classes 0..{n_classes - 1}" if n_classes else "no classes (it is not class-conditional)"))
+        images, labels = images[labels == args.class_id], labels[labels == args.class_id]
+    if args.reconstructions and "vae" not in kinds:
+        raise ValueError(f"--reconstructions: {ckpt['script']}.py has no encoder (encode) to reconstruct with")
+    save = SampleWriter(args.save_samples) if args.save_samples else None
+    keep = subset(torch.arange(len(images)), args.n_real, args.seed)
+    images, labels = images[keep], None if labels is None else labels[keep]
     name = f"{config.get('dataset', 'data')}_{args.split}"
     uses_inception = any(m in metrics for m in ("fid", "fid_std", "fid_inf", "kid", "is", "prdc"))
     real_set = f"the {args.split} split" + (f" (--n_real {args.n_real})" if args.n_real else "")
@@ -1153,31 +1139,36 @@ def evaluate_checkpoint(args):
     lpips_model, lpips_unavailable = lpips_if_available(metrics, args)
     inception = load_inception(args.inception, args.device) if uses_inception or args.save_stats else None
     real = real_side(real_features(images, name, inception, args), real_set) if inception is not None else None
+    if real is not None:
+        real.labels = labels
     if uses_inception:
         warn_few(metrics, len(images), len(images) if "sr" in kinds else args.n)
     if args.save_stats:
         save_statistics(args.save_stats, real)
     rows = []
+    sample_save, recon_save = (None, save) if args.reconstructions else (save, None)
     if "sr" in kinds:
-        rows += sr_rows(module, models, config, metrics, images, real, inception, lpips_model, lpips_unavailable, args)
+        rows += sr_rows(module, models, config, metrics, images, real, inception, lpips_model, lpips_unavailable, args,
+                        save)
     elif "generator" in kinds:
-        rows += generator_rows(module, models, config, metrics, real, inception if uses_inception else None, args)
+        rows += generator_rows(module, models, config, metrics, real, inception if uses_inception else None, args,
+                               sample_save)
     if "vae" in kinds:
-        rows += vae_rows(module, models, metrics, images, args)
+        rows += vae_rows(module, models, metrics, images, args, recon_save)
+    if save:
+        save.close()
     source = {"ckpt": str(args.ckpt), "script": ckpt["script"], "step": ckpt.get("step"),
               "dataset": config.get("dataset"), "split": args.split, "n_real": len(images),
               "n_generated": args.n if "generator" in kinds and "sr" not in kinds else None,
               **provenance(args, inception)}
     return source, rows
 
-
 def format_value(v):
     if v is None:
         return "-"
     if isinstance(v, list):
-        return " ".join(str(c) for c in v)
+        return " ".join(format_value(c) for c in v)
     return f"{v:.6g}" if isinstance(v, float) else str(v)
-
 
 def print_table(rows):
     width = max(len("metric"), *(len(name) for name, _, _ in rows))
@@ -1187,7 +1178,6 @@ def print_table(rows):
     for (name, _, note), value in zip(rows, values):
         print(f"{name:<{width}}  {value:>{vwidth}}  {note}")
 
-
 def write_json(path, source, rows):
     report = {"source": source, "metrics": {name: v for name, v, _ in rows}, "notes": {name: n for name, _, n in rows}}
     try:
@@ -1195,7 +1185,6 @@ def write_json(path, source, rows):
         Path(path).write_text(json.dumps(report, indent=2) + "\n")
     except OSError as e:
         raise OSError(f"--json {path}: cannot write it ({e})") from None
-
 
 def resolve_device(name):
     if name != "auto":
@@ -1212,7 +1201,6 @@ def resolve_device(name):
         return torch.device("mps")
     return torch.device("cpu")
 
-
 def configure_backends(device):
     """The same features on every run and at every batch size. On CUDA: no cudnn autotuning (it may pick other
     kernels next time), deterministic kernels, and no TF32 (it would move FID away from the float32 reference)."""
@@ -1222,13 +1210,11 @@ def configure_backends(device):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad command line reported in one line instead of the whole usage."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def get_args(argv=None):
     p = OneLineParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1240,9 +1226,15 @@ def get_args(argv=None):
     p.add_argument("--save_stats", metavar="PATH.npz", help="write mu and sigma of the real images in pytorch-fid's "
                                                             "format (with --real alone: only that)")
     p.add_argument("--metrics", help="comma-separated subset of fid,fid_std,fid_inf,kid,is,prdc,classes,mse,psnr,"
-                                     "lpips,bpd (default: all that apply; precision, recall, density, coverage = "
+                                     "ssim,lpips,bpd (default: all that apply; precision, recall, density, coverage = "
                                      "prdc; digits = classes)")
     p.add_argument("--n", type=int, default=10000, help="number of samples to generate")
+    p.add_argument("--save_samples", metavar="PATH", help="also write the images scored (samples; srgan: outputs) as "
+                                                          "PNGs to this new folder, or to PATH.npy as one uint8 array")
+    p.add_argument("--reconstructions", action="store_true",
+                   help="VAE: --save_samples writes the reconstructions of the --split images instead")
+    p.add_argument("--class", dest="class_id", type=int, metavar="K",
+                   help="conditional models: samples of class K only, against the real images of class K")
     p.add_argument("--split", default="test", choices=["test", "train"], help="the real images compared with")
     p.add_argument("--n_real", type=int, default=None, help="a random subset of this many real images (default all)")
     p.add_argument("--data_dir", default=None, help="where the datasets are, if not where the checkpoint says")
@@ -1269,14 +1261,16 @@ def get_args(argv=None):
         p.error("--real and --fake go together (or --real with --save_stats)")
     if args.save_stats is not None and not args.save_stats.endswith(".npz"):
         p.error(f"--save_stats {args.save_stats}: the file name must end in .npz, as pytorch-fid reads it")
-    if args.script is not None and args.ckpt is None:
-        p.error("--script goes with --ckpt")
+    for flag, value in (("script", args.script), ("save_samples", args.save_samples), ("class", args.class_id)):
+        if value is not None and args.ckpt is None:
+            p.error(f"--{flag} goes with --ckpt")
+    if args.reconstructions and not args.save_samples:
+        p.error("--reconstructions goes with --save_samples")
     least = {"n": 2, "n_real": 1, "bpd_k": 1, "bpd_n": 1, "batch_size": 1, "bootstrap": 2, "seed": 0}
     for flag, value in ((flag, getattr(args, flag)) for flag in least):
         if value is not None and value < least[flag]:
             p.error(f"--{flag} must be at least {least[flag]}")
     return args
-
 
 def main(argv=None):
     args = get_args(argv)
@@ -1293,7 +1287,6 @@ def main(argv=None):
     except (OSError, ValueError, ImportError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,8 @@
     python interpolate.py --compare out/dcgan_nearest/ckpt.pt out/dcgan_bilinear/ckpt.pt  # same noise, each model
     python interpolate.py --ckpt out/cgan/ckpt.pt --mode classes      # the same noise under every class
     python interpolate.py --ckpt out/infogan/ckpt.pt --mode codes     # InfoGAN: each code varied, noise fixed per row
+    python interpolate.py --ckpt out/dcgan/ckpt.pt --gif               # also pairs_lerp.gif, ...: one frame per column
+    python interpolate.py --movie out/dcgan                           # out/dcgan/training.gif: the run's grids
 
 Modes (default --mode all: every grid that applies to the checkpoint, all but latents):
   pairs     one row per random pair (z0, z1), columns z(t) for t = i / (steps - 1), i = -E .. steps - 1 + E
@@ -24,7 +26,11 @@ Modes (default --mode all: every grid that applies to the checkpoint, all but la
             label (DLCV (2018) HW4, problem 1): t-SNE (scikit-learn), or --projection pca
 
 Every grid is a PNG in --out_dir (default: the checkpoint's folder + /interpolations) with the column values
-on top and the row names on the left; the paths are printed.
+on top and the row names on the left; the paths are printed. --gif also draws each grid as an animation, one frame
+per column, the rows stacked (classes: the noise walks from column to column, --steps points each).
+
+--movie RUN draws RUN/training.gif instead: the grids RUN/samples/step_*.png of a run, in step order, each
+frame under a line naming its step.
 
 --compare CKPT CKPT ... draws one grid instead, compare.png (default: in the folder that holds the first run's
 folder): the same --n_noise latents through every checkpoint, one row each, named by its run folder, the flags
@@ -36,10 +42,11 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
@@ -54,15 +61,11 @@ PAD = 2  # pixels of white between grid cells
 MIN_CELL = 64  # cells are upscaled (nearest) by an integer factor to at least this many pixels
 MAX_CELLS = Image.MAX_IMAGE_PIXELS // MIN_CELL ** 2  # a larger grid is a PNG that Pillow refuses to open
 
-
 # -----------------------------------------------------------------------------
 # Interpolation maths. z0, z1: (..., D); t: a float or a tensor broadcasting against (..., 1).
-
-
 def lerp(z0, z1, t):
     """(1 - t) z0 + t z1; written this way (not z0 + t (z1 - z0)) so that t = 0 and t = 1 give z0 and z1 bit for bit."""
     return (1 - t) * z0 + t * z1
-
 
 def slerp(z0, z1, t, eps=1e-6):
     """Spherical interpolation: the direction turns along the great circle from z0 to z1 at constant angular
@@ -80,7 +83,6 @@ def slerp(z0, z1, t, eps=1e-6):
     c1 = norm * torch.sin(t * omega) / (sin * n1)
     return torch.where(sin > eps, c0 * z0 + c1 * z1, lerp(z0, z1, t))
 
-
 def interpolation_coefficients(steps, extrapolate=0):
     """t_i = i / (steps - 1) for i = -extrapolate .. steps - 1 + extrapolate: steps points from 0 to 1
     (the MNIST homework's z1 + i/K (z2 - z1) with K = steps - 1), plus `extrapolate` points of the same spacing
@@ -89,13 +91,11 @@ def interpolation_coefficients(steps, extrapolate=0):
         raise ValueError(f"--steps {steps}: need at least 2 points to interpolate")
     return [i / (steps - 1) for i in range(-extrapolate, steps + extrapolate)]
 
-
 def interpolate(z0, z1, ts, method):
     """(P, D), (P, D), T coefficients -> (P, T, D)."""
     t = torch.tensor(ts, dtype=z0.dtype, device=z0.device).view(1, -1, 1)
     fn = slerp if method == "slerp" else lerp
     return fn(z0[:, None], z1[:, None], t)
-
 
 def noise_mask(module, config, latent_dim, device):
     """True on the dimensions of z that are noise; InfoGAN's codes are not interpolated or traversed by default."""
@@ -107,28 +107,22 @@ def noise_mask(module, config, latent_dim, device):
             mask[part["start"]:part["start"] + part["size"]] = True
     return mask
 
-
 # -----------------------------------------------------------------------------
 # The grids. Each returns {"name", "images": (rows, cols, C, H, W) in [0, 1], "rows": [...], "cols": [...],
 # "title", "latents": (rows, cols, D) the images were made from (pixel mode: none)}.
-
-
 def class_names(config):
     return list(config.get("class_names") or range(config.get("n_classes", 0)))
-
 
 def random_labels(config, n, device, g):
     if not config.get("n_classes"):
         return None
     return torch.randint(0, config["n_classes"], (n,), device=device, generator=g)
 
-
 def check_cells(rows, cols):
     """Refuse before generating a grid that is too large to draw."""
     if rows * cols > MAX_CELLS:
         raise ValueError(f"a grid of {rows:,} x {cols:,} images is more than Pillow opens ({MAX_CELLS:,} cells of "
                          f"{MIN_CELL}x{MIN_CELL}); lower --pairs, --steps, --extrapolate or --n_noise")
-
 
 def generate_grid(module, models, z, labels=None):
     """z: (R, Cols, D), labels (R, Cols) or None -> images (R, Cols, C, H, W).
@@ -138,7 +132,6 @@ def generate_grid(module, models, z, labels=None):
     """
     columns = [module.generate(models, z[:, j], None if labels is None else labels[:, j]) for j in range(z.shape[1])]
     return torch.stack(columns, 1)
-
 
 def endpoint_latents(module, models, config, args, g):
     """--pairs pairs (z0, z1): random draws, or (--endpoints test, VAEs) the posterior means of 2 x pairs test
@@ -152,7 +145,6 @@ def endpoint_latents(module, models, config, args, g):
         raise ValueError(f"--pairs {args.pairs}: the test split has only {len(images)} images")
     mu = module.encode(models, images[pick].to(args.device).float().div(255))[0]
     return mu[:args.pairs], mu[args.pairs:]
-
 
 def latent_paths(module, models, config, args, g):
     """z(t) from z0 to z1 for each pair: (z (P, T, D), the t's, class labels (P, T) or None, the row names).
@@ -171,14 +163,12 @@ def latent_paths(module, models, config, args, g):
         labels = labels[:, None].expand(-1, len(ts))
     return z, ts, labels, names
 
-
 def pairs_grid(module, models, config, args, g):
     z, ts, labels, names = latent_paths(module, models, config, args, g)
     ext = f", {args.extrapolate} extrapolated beyond each end" if args.extrapolate else ""
     return {"name": f"pairs_{args.method}", "images": generate_grid(module, models, z, labels),
             "rows": [f"pair {n}" for n in names],
             "cols": [f"{t:.2f}" for t in ts], "title": f"{args.method} from z0 (t=0) to z1 (t=1){ext}", "latents": z}
-
 
 def parse_dims(text, default_count, latent_dim):
     if text is None:
@@ -191,7 +181,6 @@ def parse_dims(text, default_count, latent_dim):
     if bad or not dims:
         raise ValueError(f"--dims {text}: the latent has dimensions 0..{latent_dim - 1}")
     return dims
-
 
 def traverse_grid(module, models, config, args, g):
     base = module.sample_latent(config, 1, args.device, generator=g)
@@ -210,7 +199,6 @@ def traverse_grid(module, models, config, args, g):
     return {"name": "traverse", "images": generate_grid(module, models, z, labels), "rows": [f"z[{d}]" for d in dims],
             "cols": [f"{v:+.2f}" for v in values.tolist()], "title": title, "latents": z}
 
-
 def pixel_grid(module, models, config, args, g):
     """The 2018 image-generation assignment, 5c: x0 = G(z0) and x1 = G(z1), then G(z(t)) above (1 - t) x0 + t x1.
     Both rows start on the same image and end on the same image; they differ in between."""
@@ -225,17 +213,21 @@ def pixel_grid(module, models, config, args, g):
     return {"name": "pixel", "images": grid, "rows": rows, "cols": [f"{t:.2f}" for t in ts],
             "title": f"G({args.method} of z0, z1) vs (1-t) G(z0) + t G(z1)"}
 
-
 def classes_grid(module, models, config, args, g):
     names = class_names(config)
     check_cells(len(names), args.n_noise)
     z = module.sample_latent(config, args.n_noise, args.device, generator=g)
     z = z[None].expand(len(names), -1, -1)
     labels = torch.arange(len(names), device=z.device)[:, None].expand(-1, args.n_noise)
-    return {"name": "classes", "images": generate_grid(module, models, z, labels), "rows": [str(n) for n in names],
+    grid = {"name": "classes", "images": generate_grid(module, models, z, labels), "rows": [str(n) for n in names],
             "cols": [f"z{j}" for j in range(args.n_noise)], "title": "the same noise (column) under every class (row)",
             "latents": z}
-
+    if args.gif:  # the columns are no path: the GIF walks from each column's noise to the next, --steps points each
+        ts = interpolation_coefficients(args.steps)[:-1]
+        walk = interpolate(z[0], z[0].roll(-1, 0), ts, args.method).flatten(0, 1)[None].expand(len(names), -1, -1)
+        grid["walk"] = {**grid, "images": generate_grid(module, models, walk, labels[:, :1].expand(-1, walk.shape[1])),
+                        "cols": [f"z{j + t:.2f}" for j in range(args.n_noise) for t in ts]}
+    return grid
 
 def code_grids(module, models, config, args, g):
     grids = []
@@ -260,7 +252,6 @@ def code_grids(module, models, config, args, g):
                       "rows": [f"z{i}" for i in range(args.n_noise)], "cols": cols, "title": title, "latents": z})
     return grids
 
-
 def applicable_modes(module, config):
     modes = []
     if hasattr(module, "sample_latent") and hasattr(module, "generate"):
@@ -268,7 +259,6 @@ def applicable_modes(module, config):
         if hasattr(module, "latent_layout") and any(p["kind"] != "noise" for p in module.latent_layout(config)):
             modes.append("codes")
     return modes + ["latents"] * hasattr(module, "encode")
-
 
 def run_label(path, config, differing, fid_json):
     """A --compare row name: the run's folder, its values of the flags that differ between the runs, and the FID
@@ -287,7 +277,6 @@ def run_label(path, config, differing, fid_json):
     if isinstance(fid, (int, float)):  # a report without the fid row (--metrics kid, say) names no FID
         parts.append(f"FID {fid:.1f}" + (f" (step {step})" if step != config.get("step") else ""))
     return ", ".join(parts)
-
 
 def compare_grid(args):
     """The same latents through several checkpoints, one row each (the 2018 image-generation assignment, section 3:
@@ -319,11 +308,8 @@ def compare_grid(args):
             "cols": [f"z{j}" for j in range(args.n_noise)],
             "title": "the same noise (column) through each checkpoint (row)"}
 
-
 # -----------------------------------------------------------------------------
 # latents: the 2-D map of a VAE's posterior means (DLCV (2018) HW4, problem 1)
-
-
 def latent_map(points, method="tsne"):
     """2-D embedding of (N, L) points and its name: t-SNE through scikit-learn, or PCA. Without scikit-learn,
     t-SNE falls back to PCA, saying so."""
@@ -341,7 +327,6 @@ def latent_map(points, method="tsne"):
     tsne = TSNE(2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0)
     return torch.from_numpy(tsne.fit_transform(points.numpy())), "t-SNE"
 
-
 def map_labels(labels, config, attr):
     """One integer per image for the latent map, and its name: the class, or one attribute column (CelebA)."""
     if labels is None or labels.dim() == 1:
@@ -353,7 +338,6 @@ def map_labels(labels, config, attr):
             names = json.load(f)
     col = names.index(attr) if attr in names else 0
     return labels[:, col], names[col] if names else f"attribute {col}"
-
 
 def save_latent_map(xy, labels, method, label_name, png_path):
     from matplotlib.figure import Figure  # no pyplot: no display backend needed
@@ -368,7 +352,6 @@ def save_latent_map(xy, labels, method, label_name, png_path):
     ax.set_title(f"latent means of {len(xy)} images, {method}{coloured}")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100, format="png")
-
 
 def latents_figure(module, models, config, args, g):
     """Every test image (t-SNE takes ~6 s on 1,000 points, ~1 min on 10,000); without a test split, at most
@@ -386,17 +369,13 @@ def latents_figure(module, models, config, args, g):
     labels = None if labels is None else labels.numpy()
     return {"name": "latents", "draw": lambda path: save_latent_map(xy.numpy(), labels, method, label_name, path)}
 
-
 # -----------------------------------------------------------------------------
 # Drawing: the image grid with column headers on top and row names on the left
-
-
 def load_font(size=12):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the small bitmap font
         return ImageFont.load_default()
-
 
 def render_grid(grid, font=None):
     """-> (PIL image, layout): layout gives rows, cols, cell, pad and the grid's top-left corner (left, top)."""
@@ -435,6 +414,37 @@ def render_grid(grid, font=None):
     layout = {"rows": rows, "cols": cols, "cell_h": cell_h, "cell_w": cell_w, "pad": PAD, "left": left, "top": top}
     return canvas, layout
 
+def save_gif(frames, path, ms=200):
+    """A looping GIF of PIL frames. GIF holds 256 colours a frame: gray frames are kept exactly, colour is quantised."""
+    if all(ImageChops.difference(f, f.convert("L").convert("RGB")).getbbox() is None for f in frames):
+        frames = [f.convert("L") for f in frames]
+    frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=ms, loop=0)
+    os.replace(path + ".tmp.gif", path)
+    return path
+
+def grid_gif(grid, out_dir):
+    """NAME.gif: one frame per column of the grid (a step of its walk), the rows stacked, the column's label on top."""
+    walk = grid.get("walk", grid)
+    frames = [render_grid({**walk, "images": walk["images"][:, j:j + 1], "cols": [col]})[0]
+              for j, col in enumerate(walk["cols"])]
+    return save_gif(frames, os.path.join(out_dir, grid["name"] + ".gif"))
+
+def training_movie(run, out_dir, ms=200):
+    """training.gif: a run's grids samples/step_*.png in step order, each under a line giving its step."""
+    folder = os.path.join(run, "samples") if os.path.isdir(os.path.join(run, "samples")) else run
+    steps = sorted((int(m[1]), m[0]) for m in map(re.compile(r"step_(\d+)\.png").fullmatch, os.listdir(folder)) if m)
+    if not steps:
+        raise ValueError(f"--movie {run}: no grids step_*.png in {folder}")
+    grids = [Image.open(os.path.join(folder, name)).convert("RGB") for _, name in steps]
+    font = load_font(max(12, grids[0].width // 16))
+    line = font.getbbox("step 0")[3] + 8
+    frames = []
+    for (step, _), grid in zip(steps, grids):
+        frame = Image.new("RGB", (max(g.width for g in grids), max(g.height for g in grids) + line), "white")
+        frame.paste(grid, (0, line))
+        ImageDraw.Draw(frame).text((4, 4), f"step {step:,}", fill="black", font=font)
+        frames.append(frame)
+    return save_gif(frames, os.path.join(out_dir, "training.gif"), [ms] * (len(frames) - 1) + [5 * ms])
 
 def save_grid(grid, out_dir):
     path = os.path.join(out_dir, grid["name"] + ".png")
@@ -449,16 +459,16 @@ def save_grid(grid, out_dir):
     os.replace(path + ".tmp.png", path)
     return path
 
-
 # -----------------------------------------------------------------------------
-
-
 def get_args(argv=None):
     p = OneLineParser(prog="interpolate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint of a model script (ckpt.pt)")
     p.add_argument("--compare", nargs="+", metavar="CKPT",
                    help="instead of --ckpt: two or more checkpoints, drawn from the same noise, one row each, "
                         "into compare.png")
+    p.add_argument("--movie", metavar="RUN", help="instead of --ckpt: training.gif (in RUN, or --out_dir), the grids "
+                                                  "RUN/samples/step_*.png in step order, each under its step")
+    p.add_argument("--gif", action="store_true", help="also draw each grid as NAME.gif, one frame per column")
     p.add_argument("--script", metavar="PATH.py", help="the model script to load the checkpoints with, if it is not "
                                                       "one of this project's")
     p.add_argument("--data_dir", default=None, help="where the datasets are, if not where the checkpoint says")
@@ -489,8 +499,8 @@ def get_args(argv=None):
     p.add_argument("--out_dir", default=None, help="where the PNGs go (default: CKPT_FOLDER/interpolations)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     args = p.parse_args(argv)
-    if (args.ckpt is None) == (args.compare is None):
-        p.error("give either --ckpt or --compare")
+    if [args.ckpt, args.compare, args.movie].count(None) != 2:
+        p.error("give either --ckpt or --compare, or --movie")
     if args.compare is not None and len(args.compare) < 2:
         p.error("--compare needs two or more checkpoints")
     for flag in ("pairs", "n_noise"):
@@ -504,7 +514,6 @@ def get_args(argv=None):
         if not 0 <= getattr(args, flag) < math.inf:
             p.error(f"--{flag} must be a number, 0 or more")
     return args
-
 
 def make_grids(module, models, config, args):
     """Every grid --mode asks for, each from its own seeded stream of latents."""
@@ -535,18 +544,20 @@ def make_grids(module, models, config, args):
         grids += made if isinstance(made, list) else [made]
     return grids
 
-
 def make_out_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise OSError(f"--out_dir {path}: cannot create it ({e})") from None
 
-
 def main(argv=None):
     args = get_args(argv)
     try:
         args.device = resolve_device(args.device)
+        if args.movie:
+            make_out_dir(args.out_dir or args.movie)
+            print(training_movie(args.movie, args.out_dir or args.movie))
+            return
         if args.compare:  # written beside the run folders: out/a/ckpt.pt, out/b/ckpt.pt -> out/compare.png
             with torch.no_grad():
                 grids = [compare_grid(args)]
@@ -564,10 +575,11 @@ def main(argv=None):
         make_out_dir(out_dir)
         for grid in grids:
             print(save_grid(grid, out_dir))
+            if args.gif and "images" in grid:
+                print(grid_gif(grid, out_dir))
     except (OSError, ValueError, ImportError) as e:
         print(f"interpolate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

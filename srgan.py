@@ -9,8 +9,7 @@ BCE, least squares, hinge, WGAN-GP; --sn: spectral norm. Notes: docs/srgan.md; c
     python srgan.py --gan_loss wgan-gp --recon mse
     torchrun --nproc_per_node=2 srgan.py              # DistributedDataParallel
 
-Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, progress_strip.png, triplets.png, log.jsonl,
-curves.png, config.json.
+Outputs in --out_dir: ckpt.pt, samples/step_*.png, progress_strip.png, triplets.png, log.jsonl, curves.png, config.json.
 """
 import argparse
 import copy
@@ -69,10 +68,9 @@ def real_images(config, split):
 def degrade(x, config):
     """The low-resolution input: x in [0, 1] (N x C x 64 x 64) -> low_size^2 -> bilinear back to 64x64, in [0, 1].
     --down: bilinear and bicubic are antialiased (as PIL's resize), area averages blocks, nearest aliases."""
-    size, down = (config["low_size"],) * 2, config["down"]
-    aa = dict(antialias=True, align_corners=False) if down in ("bilinear", "bicubic") else {}
-    return F.interpolate(F.interpolate(x, size=size, mode=down, **aa), size=x.shape[-2:], mode="bilinear",
-                         align_corners=False).clamp(0, 1)
+    down = config["down"]
+    low = F.interpolate(x, size=config["low_size"], mode=down, antialias=down in ("bilinear", "bicubic"))
+    return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
 
 # -----------------------------------------------------------------------------
 # Models
@@ -85,8 +83,7 @@ class UNetGenerator(nn.Module):
     """Low-resolution image (C x 64 x 64, [-1, 1]) -> restored image (tanh). Five encoder layers take 64 -> 2 pixels
     (ngf .. 16 ngf), five decoder layers take 2 -> 64 (8 ngf .. ngf/2), each after the first fed the previous output
     beside the encoder feature of its size; a 3x3 conv over [last decoder output, input image] gives the image. The
-    layer table, and where it departs from the handout's: docs/srgan.md. --ngf 32, 64 -> 2:
-    C x 64 x 64 -> 32 x 32 x 32 -> ... -> 512 x 2 x 2 -> 256 x 4 x 4 -> ... -> 16 x 64 x 64 -> C x 64 x 64"""
+    layer table, and where it departs from the handout's: docs/srgan.md."""
 
     def __init__(self, channels, ngf=32):
         super().__init__()
@@ -116,14 +113,12 @@ class Discriminator(nn.Sequential):
                          nn.Conv2d(widths[-1], 1, 3, 2, 1), nn.Flatten(0))
 
 def init_weights(module):
-    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. §4)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales, zero biases (Radford et al. §4)."""
+    batch_norm = isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))
+    if batch_norm or isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 1.0 if batch_norm else 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
 
 def build_models(config):
     c, sn = config["channels"], config["sn"]
@@ -169,10 +164,6 @@ def reconstruction_loss(kind, output, target):
     """Pixel loss on [-1, 1] images (so 2x the L1, 4x the MSE of [0, 1] pixels)."""
     return F.mse_loss(output, target) if kind == "mse" else F.l1_loss(output, target)
 
-def discriminator_output(kind, scores):
-    """What is logged as D(.): a probability for bce, the raw score for the other losses."""
-    return torch.sigmoid(scores) if kind == "bce" else scores
-
 # -----------------------------------------------------------------------------
 # Training aids that leave the model as defined: averaging G's weights
 @torch.no_grad()
@@ -197,23 +188,23 @@ def load_test_split(config, master):
     return test
 
 @torch.no_grad()
-def write_test_row(log_path, step, G, images, config):
+def write_test_row(log_path, step, models, images, config):
     """A log.jsonl row of the MSE in [0, 1] pixels over the test images (uint8) of G's output and of the bilinear
     input (the baseline), each against the truth, in float32 as evaluate.py computes it."""
     sums = torch.zeros(2, dtype=torch.float64, device=images.device)
     for truth in images.split(250):
         truth = truth.float().div(255)
         low = degrade(truth, config)
-        sums += torch.stack([(x - truth).pow(2).flatten(1).mean(1).sum() for x in (upscale({"G": G}, low), low)])
-    row = {"step": step, **dict(zip(("test_mse", "baseline_mse"), (sums / len(images)).tolist()))}
+        sums += torch.stack([(x - truth).pow(2).flatten(1).mean(1).sum() for x in (upscale(models, low), low)])
+    test_mse, baseline_mse = (sums / len(images)).tolist()
     with open(log_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(f"step {step}: test_mse {row['test_mse']:.4g} (bilinear input {row['baseline_mse']:.4g})", flush=True)
+        f.write(json.dumps({"step": step, "test_mse": test_mse, "baseline_mse": baseline_mse}) + "\n")
+    print(f"step {step}: test_mse {test_mse:.4g} (bilinear input {baseline_mse:.4g})", flush=True)
 
 def saved_grids(out_dir):
     """[(step, path)] of the grids samples/step_*.png, in step order."""
-    names = [n for n in os.listdir(os.path.join(out_dir, "samples")) if n.startswith("step_") and n[5:-4].isdigit()]
-    return sorted((int(n[5:-4]), os.path.join(out_dir, "samples", n)) for n in names if n.endswith(".png"))
+    names = [n for n in os.listdir(os.path.join(out_dir, "samples")) if n.startswith("step_") and n.endswith(".png")]
+    return sorted((int(n[5:-4]), os.path.join(out_dir, "samples", n)) for n in names if n[5:-4].isdigit())
 
 def save_progress_strip(out_dir, size=64):
     """One fixed test input through training, left to right: input | G's output at each sample step | truth, cut
@@ -227,10 +218,9 @@ def save_progress_strip(out_dir, size=64):
     steps, paths = zip(*saved_grids(out_dir))
     cells = [cell(paths[-1], 0), *(cell(path, 1) for path in paths), cell(paths[-1], 2)]
     canvas = Image.new("RGB", (2 + len(cells) * (size + 2), size + 18), "white")
-    draw = ImageDraw.Draw(canvas)
     for i, (image, label) in enumerate(zip(cells, ["input", *steps, "truth"])):
         canvas.paste(image, (2 + i * (size + 2), 16))
-        draw.text((4 + i * (size + 2), 1), str(label), fill="black")
+        ImageDraw.Draw(canvas).text((4 + i * (size + 2), 1), str(label), fill="black")
     canvas.save(os.path.join(out_dir, "progress_strip.tmp.png"))
     os.replace(os.path.join(out_dir, "progress_strip.tmp.png"), os.path.join(out_dir, "progress_strip.png"))
 
@@ -259,8 +249,7 @@ def get_args(argv=None, defaults=None):
     args = parse_run_flags(p, argv, {"log_interval": 25, "sample_interval": 300, "ckpt_interval": 300,
                                      **(defaults or {})}, batch_size=32, max_iters=1200)
     if args.img_size != 64:
-        fail(f"--img_size {args.img_size} is not supported: the U-Net and D are built for 64x64 (every dataset is "
-             f"resized to 64 when loaded); use --img_size 64")
+        fail(f"--img_size {args.img_size} is not supported: the networks take 64x64 (every dataset is resized to 64)")
     if args.ngf % 2:
         fail(f"--ngf {args.ngf} must be even (the last decoder layer has ngf/2 channels)")
     return args
@@ -275,15 +264,15 @@ def main(argv=None):
     shown = test if len(test) else data  # 12 fixed images spread over it: the grids, triplets.png, the strip's first
     fixed_truth = shown[torch.linspace(0, len(shown) - 1, min(12, len(shown))).long()].to(device).float().div(255)
     fixed_low = degrade(fixed_truth, config)
-    local_batch, loss_kind, channels_last = config["batch_size"] // world, config["gan_loss"], torch.channels_last
+    local_batch, loss_kind = config["batch_size"] // world, config["gan_loss"]
 
     def draw(idx):
         """(ground truth, low-resolution input) of the training images at idx, both in [-1, 1]."""
         truth = data[idx.to(device)].float().div(255)
-        return [x.mul(2).sub(1).contiguous(memory_format=channels_last) for x in (truth, degrade(truth, config))]
+        return [x.mul(2).sub(1).contiguous(memory_format=torch.channels_last) for x in (truth, degrade(truth, config))]
 
     torch.manual_seed(config["seed"] + rank)
-    models = {name: m.to(device, memory_format=channels_last) for name, m in build_models(config).items()}
+    models = {name: m.to(device, memory_format=torch.channels_last) for name, m in build_models(config).items()}
     G, D = models["G"], models["D"]
     optimizers = {name: torch.optim.Adam(m.parameters(), config["lr"], (config["beta1"], config["beta2"]))
                   for name, m in models.items()}
@@ -306,11 +295,9 @@ def main(argv=None):
     t0, timed = time.perf_counter(), 0
     while step < config["max_iters"]:
         truth, low = draw(torch.randint(0, len(data), (local_batch,), generator=data_gen))
+        # (1) Update D: tell the ground truth from G's output (G's one forward: detached here, with its graph in (2))
         with autocast:
-            fake = G_train(low)  # G's one forward: detached for D's update, with its graph for G's
-
-        # (1) Update D: tell the ground truth from G's output
-        with autocast:
+            fake = G_train(low)
             real_scores, fake_scores = D_train(truth).float(), D_train(fake.detach()).float()
             loss_D = discriminator_loss(loss_kind, real_scores, fake_scores)
             if loss_kind == "wgan-gp":
@@ -332,7 +319,7 @@ def main(argv=None):
         if ema:
             update_ema(ema["G"], G, min(config["ema_decay"], (1 + step) / (10 + step)))  # short warm-up
         step, timed = step + 1, timed + 1
-        D_x, D_G_y = discriminator_output(loss_kind, real_scores), discriminator_output(loss_kind, fake_scores)
+        D_x, D_G_y = (s.sigmoid() if loss_kind == "bce" else s for s in (real_scores, fake_scores))  # bce: probability
         accumulate(window, loss_D=loss_D, loss_G=loss_G, recon=recon, adv=adv, D_x=D_x, D_G_y=D_G_y)
 
         is_log, is_sample, is_ckpt = (step % config[k] == 0 or step == config["max_iters"] for k in INTERVALS)
@@ -344,7 +331,7 @@ def main(argv=None):
             save_image(triplets.flatten(0, 1), f"{out_dir}/samples/step_{step:06d}.png", nrow=6, padding=2)
             save_image(triplets[:10].flatten(0, 1), f"{out_dir}/triplets.png", nrow=3, padding=2)
             if len(test_data):
-                write_test_row(log_path, step, (ema or models)["G"], test_data, config)
+                write_test_row(log_path, step, ema or models, test_data, config)
             G.train()
             save_progress_strip(out_dir)
         if is_log:
@@ -370,10 +357,11 @@ RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interva
 def number(cast, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
-        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
-                and (value < high if high_open else value <= high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        value = cast(text)
+        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+                and not (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}")
         return value
     return parse
 
@@ -410,23 +398,25 @@ def parse_config(get_args, argv):
     path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        check_format(ckpt)
     except Exception as e:  # torch raises several types for a missing, torn or foreign file
         fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
-             f"another script wrote it): start a new run, or use the version that wrote it")
     config = vars(get_args(argv, ckpt["config"]))
     fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
     return config, ckpt
 
+def check_format(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"this is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+                         f"another script wrote it): start a new run, or use the version that wrote it")
+
 def setup_distributed(config):
     """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
     if name == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -450,8 +440,8 @@ def train_data(config, device):
 
 def cpu_computes_bfloat16():
     """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                     or torch.cpu._is_amx_tile_supported())
 
 def time_trial(step, device, dtype, repeats=3):
     """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
@@ -478,8 +468,7 @@ def choose_precision(config, device, trial_step):
             choice = [config["precision"]]
             torch.distributed.broadcast_object_list(choice, src=0)
             config["precision"] = choice[0]
-    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
-                                                                    if config["dtype_trial_ms"] else ""))
+    print(f"--dtype {config['dtype']}: {config['precision']} (trial step, ms: {config['dtype_trial_ms'] or 'none'})")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
 
 def fixed_randn(seed, *shape):
@@ -493,9 +482,8 @@ def restore(ckpt, config, state, data_gen, device):
     for group, objects in state.items():
         for name, obj in objects.items():
             obj.load_state_dict(ckpt[group][name])
-    for optimizer in state["optimizers"].values():  # --lr may change on resume
-        for group in optimizer.param_groups:
-            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    for group in (g for optimizer in state["optimizers"].values() for g in optimizer.param_groups):
+        group["lr"] = config["lr"] * group.get("lr_scale", 1)  # --lr may change on resume
     if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
@@ -542,8 +530,7 @@ def save_checkpoint(config, step, state, data_gen, window, master):
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
-    if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
+    check_format(ckpt)
     models = build_models(ckpt["config"])
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
@@ -572,23 +559,19 @@ def accumulate(window, **values):
 
 def write_log_row(log_path, step, window, seconds, timed_steps, config):
     """Append the window's means to log.jsonl and print them, with the speed and the time left."""
-    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
-    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
-           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    row = {"step": step, **{k: float(v) / window["steps"] for k, v in window.items() if k != "steps"},
+           "ms_per_step": 1000 * seconds / timed_steps, "images_per_s": timed_steps * config["batch_size"] / seconds}
     if torch.cuda.is_initialized():
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
-    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
-          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
-          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+          + f" | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
 def plot_curves(log_path, out_dir, keys):
     """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return

@@ -1,16 +1,14 @@
-"""VAE: variational autoencoders in one file, with importance weighting, flow posteriors and an 8-bit likelihood.
-
-Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014, with the IWAE bound (Burda et al. 2016, --iw_k),
-planar and inverse autoregressive flow posteriors (Rezende & Mohamed 2015; Kingma et al. 2016, --flow) and a
-discretised logistic likelihood of 8-bit pixels (Salimans et al. 2017, --recon dlogistic). Notes: docs/vae.md; which
-course uses which configuration: docs/handouts.md.
+"""VAE: variational autoencoders in one file (Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014), with
+the IWAE bound (Burda et al. 2016, --iw_k), planar and inverse autoregressive flow posteriors (Rezende & Mohamed 2015;
+Kingma et al. 2016, --flow) and a discretised logistic likelihood of 8-bit pixels (Salimans et al. 2017, --recon
+dlogistic). Notes: docs/vae.md; which course uses which configuration: docs/handouts.md.
 
     python vae.py                                      # MLP VAE on the embedded MNIST sample, 28x28
     python vae.py --arch conv --iw_k 5 --flow iaf      # conv VAE at 32x32, IWAE bound, IAF posterior
     torchrun --nproc_per_node=2 vae.py                 # DistributedDataParallel
 
-Everything the run makes goes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE), samples/step_*.png,
-reconstructions/step_*.png, log.jsonl, curves.png, config.json.
+A run writes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE), samples/step_*.png, reconstructions/step_*.png,
+log.jsonl, curves.png, config.json.
 """
 import argparse
 import copy
@@ -71,8 +69,7 @@ def real_images(config, split):
     return load_images(config["data_dir"], config["dataset"], split, config["img_size"])
 
 def to_unit_interval(images_uint8):
-    """uint8 [0, 255] -> float [0, 1], the range of the decoder's mean."""
-    return images_uint8.float().div(255.0)
+    return images_uint8.float().div(255.0)  # [0, 1], the range of the decoder's mean
 
 def pixel_levels(x):
     """x in [0, 1] -> its 8-bit level floor(256 x) in 0..255, for a training image k / 255 and a dequantised one."""
@@ -116,8 +113,7 @@ def upsample_block(in_ch, out_ch, mode, bias=False):
     """Double the size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016)."""
     if mode == "convtranspose":
         return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=bias)
-    align = dict(align_corners=False) if mode == "bilinear" else {}
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode, **align), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=bias))
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=bias))
 
 def conv_stack(in_ch, widths, block, activation):
     layers = []
@@ -416,9 +412,8 @@ def get_args(argv=None, defaults=None):
                    help="--arch conv, csi5340: strided convs in the encoder, doublings in the decoder")
     p.add_argument("--width", type=number(int, 1, WIDEST), default=32,
                    help="--arch conv, csi5340: channels of the first conv, doubled per layer")
-    p.add_argument("--h_dim", type=number(int, 1, WIDEST), default=1024,
-                   help="--arch csi5340: the dense layer after the convs, also the decoder's first map: a multiple "
-                        "of (img_size / 2^(depth-1))^2")
+    p.add_argument("--h_dim", type=number(int, 1, WIDEST), default=1024, help="--arch csi5340: the dense layer after "
+                   "the convs, also the decoder's first map: a multiple of (img_size / 2^(depth-1))^2")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
                    help="how the conv decoders double resolution: transposed conv, or resize then 3x3 conv")
     p.add_argument("--recon", default="bce", choices=["bce", "mse", "mse_mean", "dlogistic"],
@@ -511,15 +506,15 @@ def main(argv=None):
         if is_log or is_sample:  # an evaluation writes a log row too, with the test MSE
             check_finite(window, step, config)
             seconds = time.perf_counter() - t0  # the window's training time, without the evaluation
-            test_mse = None if not (is_sample and master) else draw_and_score(models, step, out_dir, fixed_noise,
-                                                                              shown, test_data)
+            test_mse = (draw_and_score(models, step, out_dir, fixed_noise, shown, test_data)
+                        if is_sample and master else None)
             if test_mse is not None:
                 window["test_mse"] = test_mse * window["steps"]  # write_log_row divides each sum by the steps
             if master:
                 write_log_row(log_path, step, window, seconds, timed, config)
+                if is_sample:
+                    plot_curves(log_path, out_dir, [("loss", "recon"), ("kl",)])
             window, timed = {}, 0
-            if is_sample and master:
-                plot_curves(log_path, out_dir, [("loss", "recon"), ("kl",)])
             if test_mse is not None and test_mse < best["test_mse"]:
                 best["test_mse"] = test_mse
                 save_best(config, step, state, data_gen, window)
@@ -541,10 +536,11 @@ RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interva
 def number(cast, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
-        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
-                and (value < high if high_open else value <= high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        value = cast(text)
+        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+                and not (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}")
         return value
     return parse
 
@@ -581,23 +577,25 @@ def parse_config(get_args, argv):
     path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        check_format(ckpt)
     except Exception as e:  # torch raises several types for a missing, torn or foreign file
         fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
-             f"another script wrote it): start a new run, or use the version that wrote it")
     config = vars(get_args(argv, ckpt["config"]))
     fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
     return config, ckpt
 
+def check_format(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"this is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+                         f"another script wrote it): start a new run, or use the version that wrote it")
+
 def setup_distributed(config):
     """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
     if name == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -621,8 +619,8 @@ def train_data(config, device):
 
 def cpu_computes_bfloat16():
     """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                     or torch.cpu._is_amx_tile_supported())
 
 def time_trial(step, device, dtype, repeats=3):
     """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
@@ -649,8 +647,7 @@ def choose_precision(config, device, trial_step):
             choice = [config["precision"]]
             torch.distributed.broadcast_object_list(choice, src=0)
             config["precision"] = choice[0]
-    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
-                                                                    if config["dtype_trial_ms"] else ""))
+    print(f"--dtype {config['dtype']}: {config['precision']} (trial step, ms: {config['dtype_trial_ms'] or 'none'})")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
 
 def fixed_randn(seed, *shape):
@@ -664,9 +661,8 @@ def restore(ckpt, config, state, data_gen, device):
     for group, objects in state.items():
         for name, obj in objects.items():
             obj.load_state_dict(ckpt[group][name])
-    for optimizer in state["optimizers"].values():  # --lr may change on resume
-        for group in optimizer.param_groups:
-            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    for group in (g for optimizer in state["optimizers"].values() for g in optimizer.param_groups):
+        group["lr"] = config["lr"] * group.get("lr_scale", 1)  # --lr may change on resume
     if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
@@ -713,8 +709,7 @@ def save_checkpoint(config, step, state, data_gen, window, master):
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
-    if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
+    check_format(ckpt)
     models = build_models(ckpt["config"])
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
@@ -743,23 +738,19 @@ def accumulate(window, **values):
 
 def write_log_row(log_path, step, window, seconds, timed_steps, config):
     """Append the window's means to log.jsonl and print them, with the speed and the time left."""
-    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
-    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
-           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    row = {"step": step, **{k: float(v) / window["steps"] for k, v in window.items() if k != "steps"},
+           "ms_per_step": 1000 * seconds / timed_steps, "images_per_s": timed_steps * config["batch_size"] / seconds}
     if torch.cuda.is_initialized():
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
-    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
-          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
-          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+          + f" | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
 def plot_curves(log_path, out_dir, keys):
     """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return

@@ -3,13 +3,12 @@
 Arjovsky, Chintala, Bottou, "Wasserstein GAN", ICML 2017 (--mode clip); Gulrajani et al., "Improved Training of
 Wasserstein GANs", NeurIPS 2017 (--mode gp, the default). G is dcgan.py's generator; the critic D is its
 discriminator without the sigmoid, trained to maximise E[D(x)] - E[D(G(z))] under a Lipschitz constraint: critic
-weights clipped to [-c, c], or a gradient penalty. Which course uses which configuration: docs/handouts.md.
+weights clipped to [-c, c], or a gradient penalty. A run writes ckpt.pt, samples/step_*.png, log.jsonl, curves.png
+and config.json to --out_dir. Which course uses which configuration: docs/handouts.md.
 
     python wgan.py                                    # WGAN-GP on the embedded MNIST sample, 32x32
     python wgan.py --mode clip                        # WGAN with weight clipping, RMSprop
     python wgan.py --augment none --ema_decay 0       # the papers' plain training: no augmentation, no averaging
-
-Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, log.jsonl, curves.png, config.json.
 """
 import argparse
 import copy
@@ -75,8 +74,7 @@ def upsample_block(in_ch, out_ch, mode):
     """Double the size: a strided transposed conv, or resize then 3x3 conv (Odena et al. 2016)."""
     if mode == "convtranspose":
         return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=False)
-    align = dict(align_corners=False) if mode == "bilinear" else {}
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode, **align), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
 
 class Generator(nn.Sequential):
     """dcgan.py's generator: z (nz) -> image in [-1, 1] through depth blocks of (transposed) conv, batch norm and ReLU,
@@ -231,9 +229,7 @@ MODE_DEFAULTS = {"clip": dict(lr=5e-5, critic_norm="batch"),  # Arjovsky et al. 
 
 def resolve_mode_defaults(config):
     """The flags left unset (None) take the defaults of --mode; a resumed run has them all from its checkpoint."""
-    for key, value in MODE_DEFAULTS[config["mode"]].items():
-        if config[key] is None:
-            config[key] = value
+    config.update({key: value for key, value in MODE_DEFAULTS[config["mode"]].items() if config[key] is None})
     return config
 
 def get_args(argv=None, defaults=None):
@@ -241,8 +237,7 @@ def get_args(argv=None, defaults=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--mode", default="gp", choices=["gp", "clip"], help="the critic's Lipschitz constraint: gradient "
                    "penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017)")
-    p.add_argument("--img_size", type=number(int, 1, 1024), default=32, help="32 or 64; with --depth, a multiple of "
-                   "2^depth")
+    p.add_argument("--img_size", type=number(int, 1, 1024), default=32, help="32 or 64; --depth: a multiple of 2^depth")
     p.add_argument("--depth", type=int, choices=range(1, 6), metavar="{1,...,5}", help="G of depth (transposed conv, "
                    "BN, ReLU) blocks and the DepthCritic; unset: the DCGAN tables")
     p.add_argument("--nz", type=number(int, 1, 4096), default=100, help="latent size")
@@ -259,9 +254,8 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--lr", type=number(float, 0, low_open=True), help="unset: RMSprop 5e-5 (clip), Adam 1e-4 (gp)")
     p.add_argument("--beta1", type=FRACTION, help="gp mode: Adam beta1; unset: 0.0")
     p.add_argument("--beta2", type=FRACTION, help="gp mode: Adam beta2; unset: 0.9")
-    p.add_argument("--augment", type=augment_policy, default="translation,cutout",
-                   help="differentiable augmentation of what the critic sees (Zhao et al. 2020): none, or a comma list "
-                        "of color, translation, cutout")
+    p.add_argument("--augment", type=augment_policy, default="translation,cutout", help="differentiable augmentation "
+                   "of what the critic sees (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     defaults = {"sample_interval": 500, "ckpt_interval": 500, **(defaults or {})}
     args = parse_run_flags(p, argv, defaults, batch_size=32, max_iters=4000)
@@ -372,10 +366,11 @@ RESUMABLE = {"max_iters", "lr", "log_interval", "sample_interval", "ckpt_interva
 def number(cast, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
-        value, ends = cast(text), ("(" if low_open else "[", ")" if high_open else "]")
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
-                and (value < high if high_open else value <= high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {ends[0]}{low}, {high}{ends[1]}")
+        value = cast(text)
+        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+                and not (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}")
         return value
     return parse
 
@@ -412,23 +407,25 @@ def parse_config(get_args, argv):
     path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        check_format(ckpt)
     except Exception as e:  # torch raises several types for a missing, torn or foreign file
         fail(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"--resume: {path} is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
-             f"another script wrote it): start a new run, or use the version that wrote it")
     config = vars(get_args(argv, ckpt["config"]))
     fixed = sorted(k for k, v in ckpt["config"].items() if k not in RESUMABLE and config[k] != v)
     if fixed:
         fail(f"--resume: --{fixed[0]} cannot change in a resumed run (the checkpoint has {ckpt['config'][fixed[0]]!r})")
     return config, ckpt
 
+def check_format(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"this is not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint (an older {SCRIPT}.py or "
+                         f"another script wrote it): start a new run, or use the version that wrote it")
+
 def setup_distributed(config):
     """(device, rank, world size); under torchrun (WORLD_SIZE > 1) also joins the process group."""
     rank, world, name = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), config["device"]
     if name == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name, int(os.environ["LOCAL_RANK"])) if world > 1 and name == "cuda" else torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -452,8 +449,8 @@ def train_data(config, device):
 
 def cpu_computes_bfloat16():
     """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX): only there is bfloat16 worth a trial."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                     or torch.cpu._is_amx_tile_supported())
 
 def time_trial(step, device, dtype, repeats=3):
     """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
@@ -480,8 +477,7 @@ def choose_precision(config, device, trial_step):
             choice = [config["precision"]]
             torch.distributed.broadcast_object_list(choice, src=0)
             config["precision"] = choice[0]
-    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
-                                                                    if config["dtype_trial_ms"] else ""))
+    print(f"--dtype {config['dtype']}: {config['precision']} (trial step, ms: {config['dtype_trial_ms'] or 'none'})")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
 
 def fixed_randn(seed, *shape):
@@ -495,9 +491,8 @@ def restore(ckpt, config, state, data_gen, device):
     for group, objects in state.items():
         for name, obj in objects.items():
             obj.load_state_dict(ckpt[group][name])
-    for optimizer in state["optimizers"].values():  # --lr may change on resume
-        for group in optimizer.param_groups:
-            group["lr"] = config["lr"] * group.get("lr_scale", 1)
+    for group in (g for optimizer in state["optimizers"].values() for g in optimizer.param_groups):
+        group["lr"] = config["lr"] * group.get("lr_scale", 1)  # --lr may change on resume
     if not torch.distributed.is_initialized():  # the saved streams are rank 0's; other ranks keep their own seeds
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
@@ -544,8 +539,7 @@ def save_checkpoint(config, step, state, data_gen, window, master):
 
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
-    if ckpt.get("script") != SCRIPT or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a format-{CHECKPOINT_FORMAT} {SCRIPT} checkpoint; retrain or use its version")
+    check_format(ckpt)
     models = build_models(ckpt["config"])
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
@@ -574,23 +568,19 @@ def accumulate(window, **values):
 
 def write_log_row(log_path, step, window, seconds, timed_steps, config):
     """Append the window's means to log.jsonl and print them, with the speed and the time left."""
-    means = {k: float(v) / window["steps"] for k, v in window.items() if k != "steps"}
-    row = {"step": step, **means, "ms_per_step": 1000 * seconds / timed_steps,
-           "images_per_s": timed_steps * config["batch_size"] / seconds}
+    row = {"step": step, **{k: float(v) / window["steps"] for k, v in window.items() if k != "steps"},
+           "ms_per_step": 1000 * seconds / timed_steps, "images_per_s": timed_steps * config["batch_size"] / seconds}
     if torch.cuda.is_initialized():
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
-    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
-          f" | {row['ms_per_step']:.1f} ms/step, {row['images_per_s']:.0f} img/s, "
-          f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+    print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+          + f" | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
 
 def plot_curves(log_path, out_dir, keys):
     """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return

@@ -84,12 +84,15 @@ def test_frechet_to_reference_equals_frechet_distance(n):
 def test_fid_bootstrap_std_is_the_spread_of_fid():
     (mu1, sigma1), (mu2, sigma2), _ = gaussian_pair(16)
     draw = lambda seed: np.random.default_rng(seed).multivariate_normal(mu2, sigma2, size=300)  # noqa: E731
-    fake = draw(3)
-    std = evaluate.fid_bootstrap_std(evaluate.FrechetToReference(mu1, sigma1, fake), resamples=40, seed=4)
-    rng = np.random.default_rng(4)  # the documented protocol, with the plain route
-    plain = [evaluate.frechet_distance(mu1, sigma1, *evaluate.feature_statistics(fake[rng.integers(0, 300, 300)]))
-             for _ in range(40)]
-    assert std == pytest.approx(np.std(plain, ddof=1), rel=1e-8)
+    fid_of, calls = evaluate.FrechetToReference(mu1, sigma1, draw(3)), []
+    recording = lambda rows: calls.append((rows.copy(), fid_of(rows))) or calls[-1][1]  # noqa: E731
+    recording.features = fid_of.features
+    std = evaluate.fid_bootstrap_std(recording, resamples=40, seed=4)
+    assert len(calls) == 40 and std == pytest.approx(np.std([fid for _, fid in calls], ddof=1), rel=1e-12)
+    # each resample is n draws with replacement: about 1 - 1/e of the images appear, the rest are repeats
+    distinct = [len(np.unique(rows)) / 300 for rows, _ in calls]
+    assert all(len(rows) == 300 for rows, _ in calls) and 0.55 < np.mean(distinct) < 0.71
+    assert len({tuple(rows) for rows, _ in calls}) == 40  # fresh resamples, not one repeated
     # and it estimates how much FID moves between independent sets of 300 generated images
     spread = np.std([evaluate.frechet_distance(mu1, sigma1, *evaluate.feature_statistics(draw(100 + i)))
                      for i in range(40)], ddof=1)
@@ -98,11 +101,16 @@ def test_fid_bootstrap_std_is_the_spread_of_fid():
 
 def test_fid_infinity_extrapolates_a_line_in_one_over_n():
     # a stand-in whose FID_N is exactly 5 + 300 / N: the limit is 5
-    line = lambda rows: 5 + 300 / len(rows)  # noqa: E731
+    subsets = []
+    line = lambda rows: subsets.append(rows) or 5 + 300 / len(rows)  # noqa: E731
     line.features = np.zeros((500, 1))
     value, sizes = evaluate.fid_infinity(line, points=15, seed=0)
     assert value == pytest.approx(5, rel=1e-9)
     assert sizes[0] == 100 and sizes[-1] == 500 and len(sizes) == 15
+    # subsets without replacement: no image twice, and the largest is the whole set
+    assert [len(rows) for rows in subsets] == list(sizes)
+    assert all(len(np.unique(rows)) == len(rows) for rows in subsets)
+    assert sorted(subsets[-1]) == list(range(500))
 
 
 def test_fid_infinity_on_gaussians_removes_the_bias():

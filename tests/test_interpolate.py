@@ -64,7 +64,7 @@ def load(path):
 def args(**kw):
     base = dict(pairs=3, steps=5, method="lerp", extrapolate=0, dims=None, range=3.0, n_noise=4, code_range=2.0,
                 seed=0, device=torch.device("cpu"), endpoints="random", fid_json="evaluate.json", script=None,
-                projection="tsne", attr="Male")
+                projection="tsne", attr="Male", gif=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -413,3 +413,58 @@ def test_latent_map_colours_by_one_attribute(tmp_path):
     assert name == "Male" and values.tolist() == [1, 0]
     assert interpolate.map_labels(labels, config, "Bald")[1] == "Smiling"
     assert interpolate.map_labels(torch.tensor([3, 1]), config, "Male")[1] == "label"
+
+
+# --- animations: --gif and --movie ---------------------------------------------------------
+
+
+def gif_frames(path):
+    """Every frame of a GIF as a gray uint8 array, and the frames' durations."""
+    gif = Image.open(path)
+    frames, durations = [], []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        frames.append(np.asarray(gif.convert("L")))
+        durations.append(gif.info["duration"])
+    return frames, durations
+
+
+def test_movie_has_one_frame_per_grid_in_step_order(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    steps = [300, 20, 1000, 100, 5000]  # written out of order, padded to different widths: as text, out of order
+    grids = {step: rng.integers(0, 256, (40, 52), dtype=np.uint8) for step in steps}
+    for step, grid in grids.items():
+        Image.fromarray(grid).convert("RGB").save(run / "samples" / f"step_{step:0{len(str(step)) + 1}d}.png")
+    Image.fromarray(grids[20]).save(run / "samples" / "strip.png")  # not a grid
+    interpolate.main(["--movie", str(run)])
+    assert capsys.readouterr().out.split() == [str(run / "training.gif")]
+    frames, durations = gif_frames(run / "training.gif")
+    assert len(frames) == len(steps)
+    for frame, step in zip(frames, sorted(steps)):
+        assert np.array_equal(frame[-40:, :52], grids[step])  # the grid, exactly, under the line of its step
+    captions = [frame[:-40] for frame in frames]
+    assert all((c < 128).any() for c in captions) and len({c.tobytes() for c in captions}) == len(steps)
+    assert durations[-1] > durations[0]  # the last grid stays longer
+    assert "no grids step_*.png" in error_line(capsys, "--movie", tmp_path)
+
+
+def test_gif_frames_are_the_columns_of_the_grid(ckpts, tmp_path, capsys):
+    out = tmp_path / "gifs"
+    interpolate.main(["--ckpt", str(ckpts["acgan"]), "--mode", "pairs,classes", "--gif", "--pairs", "2", "--steps", "4",
+                      "--n_noise", "3", "--out_dir", str(out), "--device", "cpu"])
+    names = ("pairs_lerp.png", "pairs_lerp.gif", "classes.png", "classes.gif")
+    assert sorted(capsys.readouterr().out.split()) == sorted(str(out / name) for name in names)
+    for name, columns, per_column in (("pairs_lerp", 4, 1), ("classes", 3, 3)):  # classes: walks z0 -> z1 -> z2 -> z0
+        png = Image.open(out / f"{name}.png")
+        meta = {k: int(v) for k, v in png.text.items()}
+        grid = np.asarray(png.convert("L"))
+        frames, _ = gif_frames(out / f"{name}.gif")
+        assert len(frames) == columns * per_column
+        h, w, pad = meta["cell_h"], meta["cell_w"], meta["pad"]
+        for j in range(columns):  # each column's images, in the frame of its step: all rows stacked
+            frame, x = frames[j * per_column], meta["left"] + pad + j * (w + pad)
+            cells = grid[meta["top"]:, x:x + w]
+            assert np.array_equal(frame[meta["top"]:meta["top"] + cells.shape[0], meta["left"] + pad:][:, :w], cells)
+        assert not np.array_equal(frames[0], frames[1])

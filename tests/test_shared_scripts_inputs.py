@@ -231,7 +231,8 @@ def test_the_fuzz_covers_every_number_flag(monkeypatch):
         self.prog, number_flags(self)) and original(self, argv))
     for module in (evaluate, interpolate):
         module.get_args(["--ckpt", "x"])
-    assert flags == {"evaluate.py": sorted(["n", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size", "seed"]),
+    assert flags == {"evaluate.py": sorted(["n", "class_id", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size",
+                                            "seed"]),
                      "interpolate.py": sorted(["pairs", "steps", "extrapolate", "range", "n_noise", "code_range",
                                                "seed"])}
 
@@ -243,7 +244,7 @@ def test_every_number_flag_runs_or_ends_with_one_line(ckpts, value, tmp_path, ca
     report = tmp_path / "report.json"
     base = ["--ckpt", ckpts["vae"], *EVALUATE_BASE, "--cache_dir", ckpts["cache"], "--json", report]
     cases = [(evaluate.main, base, flag, EVALUATE_METRICS.get(flag))
-             for flag in ("n", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size", "seed")]
+             for flag in ("n", "class", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size", "seed")]
     cases += [(interpolate.main, ["--ckpt", ckpts["infogan"], *INTERPOLATE_BASE, "--out_dir", tmp_path], flag, None)
               for flag in ("pairs", "steps", "extrapolate", "range", "n_noise", "code_range", "seed")]
     outcomes = {}
@@ -262,12 +263,12 @@ def test_every_number_flag_runs_or_ends_with_one_line(ckpts, value, tmp_path, ca
             assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and str(flag) in err[0], (argv, err)
         outcomes[prog, flag] = "ran" if code in (0, None) else "refused"
     refused = {key for key, outcome in outcomes.items() if outcome == "refused"}
-    expected = {  # what must be refused; everything else runs
-        "0": {("evaluate.py", f) for f in ("n", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size")}
+    expected = {  # what must be refused; everything else runs (--class: the VAE has no classes)
+        "0": {("evaluate.py", f) for f in ("n", "class", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size")}
         | {("interpolate.py", f) for f in ("pairs", "steps", "n_noise")},
-        "-1": {("evaluate.py", f) for f in ("n", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size", "seed")}
+        "-1": {("evaluate.py", f) for f in ("n", "class", "n_real", "bpd_k", "bpd_n", "bootstrap", "batch_size", "seed")}
         | {("interpolate.py", f) for f in ("pairs", "steps", "extrapolate", "range", "n_noise", "code_range")},
-        "huge": {("evaluate.py", "n"), ("evaluate.py", "bpd_k")}
+        "huge": {("evaluate.py", "n"), ("evaluate.py", "class"), ("evaluate.py", "bpd_k")}
         | {("interpolate.py", f) for f in ("pairs", "steps", "extrapolate", "n_noise")},
     }[value]
     assert refused == expected

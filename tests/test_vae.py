@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from conftest import REPO, run_script
 sys.path.insert(0, str(REPO))
 import vae  # noqa: E402
 
+PLOT_CURVES = vae.plot_curves  # the tests replace it (see curves_calls)
 TINY = ["--hidden", "32", "--latent_dim", "4", "--batch_size", "16", "--device", "cpu"]
 TINY_CONV = ["--arch", "conv", "--img_size", "32", "--depth", "2", "--width", "4", "--latent_dim", "4", "--batch_size", "16", "--device", "cpu"]
 
@@ -37,6 +39,72 @@ def read_log(out_dir):
 def mnist_batch(n=32, size=28):
     images, _ = vae.load_images(str(REPO / "data"), "mnist5k", "test", size)
     return vae.to_unit_interval(images[:n])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread in this process, as the subprocesses have (OMP_NUM_THREADS=1): on a busy CPU, the tiny
+    networks here run several times slower when threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def curves_calls(monkeypatch):
+    """In-process runs record their calls of plot_curves instead of drawing curves.png: matplotlib's layout takes most
+    of a tiny run's time. test_copied_alone_next_to_its_data_writes_every_output checks the file; the fuzz test draws
+    the rows of all its runs."""
+    calls = []
+    monkeypatch.setattr(vae, "plot_curves", lambda *args: calls.append(args))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+    """conftest's tiny_mnist made once, for the tests that only read it."""
+    src, dst = REPO / "data" / "mnist5k", tmp_path_factory.mktemp("shared") / "data"
+    (dst / "mnist5k").mkdir(parents=True)
+    for split, n in (("train", 256), ("test", 64)):
+        for suffix in ("", "_labels"):
+            np.save(dst / "mnist5k" / f"{split}{suffix}.npy", np.load(src / f"{split}{suffix}.npy")[::15][:n])
+    return dst
+
+
+BASE_FLAGS = ["--max_iters", "2", "--lr", "1e-3", "--ckpt_interval", "2", "--log_interval", "2", "--dtype", "float32",
+              *TINY]
+
+
+@pytest.fixture(scope="module")
+def base_run(shared_data, tmp_path_factory):
+    """One tiny MLP run on shared_data, trained once: the earlier run that several tests resume (BASE_FLAGS)."""
+    out = tmp_path_factory.mktemp("base") / "o"
+    return trained(["--data_dir", str(shared_data), "--out_dir", str(out), *BASE_FLAGS])
+
+
+DTYPE_FLAGS = ["--max_iters", "3", "--log_interval", "1", "--recon", "dlogistic", *TINY_CONV]
+
+
+@pytest.fixture(scope="module")
+def dtype_runs(shared_data, tmp_path_factory):
+    """{dtype: out_dir} of a conv run (DTYPE_FLAGS) under --dtype float32 and under --dtype bfloat16."""
+    root = tmp_path_factory.mktemp("dtypes")
+    return {dtype: trained(["--data_dir", str(shared_data), "--out_dir", str(root / dtype), "--dtype", dtype,
+                            *DTYPE_FLAGS]) for dtype in ("float32", "bfloat16")}
+
+
+def trained(argv):
+    """vae.main(argv) for a module-scoped fixture (curves_calls does not reach it) -> its out_dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vae, "plot_curves", lambda *args: None)
+        vae.main(argv)
+    return Path(argv[argv.index("--out_dir") + 1])
+
+
+def copy_of(run, tmp_path):
+    """A copy of a run's out_dir, to resume or damage without touching the original."""
+    return shutil.copytree(run, tmp_path / "o")
 
 
 # --- architecture --------------------------------------------------------------------------
@@ -405,7 +473,7 @@ def test_log_importance_weights_and_the_bound_tighten_with_k(flow):
     for m in models.values():
         m.eval()
     x = mnist_batch(16)
-    log_w = vae.log_importance_weights(models, x, 1000, max_elements=40000)  # decoded 3 draws at a time
+    log_w = vae.log_importance_weights(models, x, 1000, max_elements=400000)  # decoded 31 draws at a time, then 8
     assert log_w.shape == (1000, 16) and torch.isfinite(log_w).all()
     bound = {k: (torch.logsumexp(log_w.view(1000 // k, k, 16), 1) - math.log(k)).mean().item() for k in (1, 5, 50)}
     assert bound[1] < bound[5] < bound[50], bound
@@ -441,11 +509,11 @@ def check_interface(ckpt, size):
     assert log_w.shape == (7, 5) and torch.isfinite(log_w).all()
 
 
-def test_copied_alone_next_to_its_data_writes_every_output(tiny_mnist, tmp_path):
+def test_copied_alone_next_to_its_data_writes_every_output(shared_data, tmp_path):
     alone = tmp_path / "alone"  # the script copied alone into an empty folder, run with the default paths
     alone.mkdir()
     shutil.copy(REPO / "vae.py", alone)
-    shutil.copytree(tiny_mnist, alone / "data")
+    shutil.copytree(shared_data, alone / "data")
     proc = run_script("vae.py", "--max_iters", "6", "--log_interval", "2", "--sample_interval", "3", "--ckpt_interval", "3",
                       "--lr", "1e-3", *TINY, cwd=alone)
     out = alone / "out" / "vae"
@@ -479,10 +547,10 @@ def test_copied_alone_next_to_its_data_writes_every_output(tiny_mnist, tmp_path)
     assert np.array_equal(grid[2:30, 2:30], first)  # the first original, top left
 
 
-def test_conv_iwae_planar_variant_trains_and_loads(tiny_mnist, tmp_path):
+def test_conv_iwae_planar_variant_trains_and_loads(shared_data, tmp_path):
     out = tmp_path / "run"
-    run_script("vae.py", "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "3", "--log_interval", "1",
-               "--flow", "planar", "--iw_k", "3", "--upsample", "nearest", *TINY_CONV)
+    vae.main(["--data_dir", str(shared_data), "--out_dir", str(out), "--max_iters", "3", "--log_interval", "1",
+              "--flow", "planar", "--iw_k", "3", "--upsample", "nearest", *TINY_CONV])
     rows = read_log(out)
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) and np.isfinite(r["kl"]) for r in rows)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -490,16 +558,18 @@ def test_conv_iwae_planar_variant_trains_and_loads(tiny_mnist, tmp_path):
     check_interface(ckpt, 32)
 
 
-def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
-    common = ["--data_dir", tiny_mnist, "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15",
+def test_sigkill_then_resume_gives_identical_losses(shared_data, tmp_path):
+    # the killed run is a process of its own; the straight and the resumed runs train in this one, single-threaded
+    # as that process is, while it starts
+    common = ["--data_dir", str(shared_data), "--log_interval", "1", "--ckpt_interval", "10", "--sample_interval", "15",
               "--dtype", "float32", *TINY]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "vae.py", "--out_dir", killed, "--max_iters", "100000", *common],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     straight = tmp_path / "straight"
-    run_script("vae.py", "--out_dir", straight, "--max_iters", "40", *common)
+    vae.main(["--out_dir", str(straight), "--max_iters", "40", *common])
     expected = {r["step"]: r for r in read_log(straight)}
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "vae.py", "--out_dir", killed, "--max_iters", "100000", *map(str, common)],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
         if (killed / "ckpt.pt").exists() and (killed / "log.jsonl").exists() and len(read_log(killed)) >= 25:
@@ -510,7 +580,7 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
     saved_step = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
     assert saved_step >= 20 and saved_step % 10 == 0
 
-    run_script("vae.py", "--out_dir", killed, "--max_iters", "40", "--resume", *common)
+    vae.main(["--out_dir", str(killed), "--max_iters", "40", "--resume", *common])
     rows = read_log(killed)
     assert [r["step"] for r in rows] == list(range(1, 41))  # lines after the checkpoint were replaced, not duplicated
     for r in rows:
@@ -519,10 +589,10 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_mnist, tmp_path):
     assert [r["step"] for r in rows if "test_mse" in r] == [15, 30, 40]
 
 
-def test_torchrun_two_processes(tiny_mnist, tmp_path):
+def test_torchrun_two_processes(shared_data, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
-                           "vae.py", "--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3",
+                           "vae.py", "--data_dir", str(shared_data), "--out_dir", str(out), "--max_iters", "3",
                            "--log_interval", "1", "--flow", "iaf", "--recon", "mse", *TINY],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -535,22 +605,23 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     check_interface(ckpt, 28)  # an MLP with an IAF posterior and a Gaussian decoder
 
 
-def test_default_image_size_follows_the_architecture(tiny_mnist, tmp_path):
+def test_default_image_size_follows_the_architecture(shared_data, base_run, tmp_path):
     # the conv VAE on digits is 32 x 32 (CSI5340 assignment 4), the MLP keeps 28 x 28 (CIS 680 Table 1)
     tiny_conv = [flag for flag in TINY_CONV if flag not in ("--img_size", "32")]
-    for arch, flags, size in (("conv", tiny_conv, 32), ("mlp", TINY, 28)):
-        out = tmp_path / arch
-        vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "1", "--dtype", "float32", *flags])
+    vae.main(["--data_dir", str(shared_data), "--out_dir", str(tmp_path / "conv"), "--max_iters", "1", "--dtype",
+              "float32", *tiny_conv])
+    assert "--img_size" not in BASE_FLAGS  # base_run is the MLP's run with the default size
+    for arch, out, size in (("conv", tmp_path / "conv", 32), ("mlp", base_run, 28)):
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)
         assert ckpt["config"]["arch"] == arch and ckpt["config"]["img_size"] == size
         assert json.loads((out / "config.json").read_text())["img_size"] == size
         check_interface(ckpt, size)
 
 
-def test_csi5340_trains_resumes_and_reports_through_the_interface(tiny_mnist, tmp_path):
+def test_csi5340_trains_resumes_and_reports_through_the_interface(shared_data, tmp_path):
     import evaluate
 
-    flags = ["--data_dir", str(tiny_mnist), "--arch", "csi5340", "--depth", "2", "--width", "4", "--h_dim", "256",
+    flags = ["--data_dir", str(shared_data), "--arch", "csi5340", "--depth", "2", "--width", "4", "--h_dim", "256",
              "--latent_dim", "4", "--recon", "mse_mean", "--kl_weight", "1e-3", "--batch_size", "16", "--device", "cpu",
              "--dtype", "float32", "--log_interval", "1", "--sample_interval", "2", "--ckpt_interval", "2"]
     vae.main(["--out_dir", str(tmp_path / "straight"), "--max_iters", "4", *flags])
@@ -570,9 +641,9 @@ def test_csi5340_trains_resumes_and_reports_through_the_interface(tiny_mnist, tm
     assert 0 < evaluate.bits_per_dim(vae, models, images[:4], 4, 4, "cpu") < 100
 
 
-def test_dlogistic_trains_and_reports_through_the_interface(tiny_mnist, tmp_path):
+def test_dlogistic_trains_and_reports_through_the_interface(shared_data, tmp_path):
     out = tmp_path / "run"
-    vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "8", "--log_interval", "4",
+    vae.main(["--data_dir", str(shared_data), "--out_dir", str(out), "--max_iters", "8", "--log_interval", "4",
               "--recon", "dlogistic", "--lr", "3e-3", *TINY])
     rows = read_log(out)
     assert [r["step"] for r in rows] == [4, 8] and rows[1]["loss"] < rows[0]["loss"]
@@ -586,12 +657,9 @@ def test_dlogistic_trains_and_reports_through_the_interface(tiny_mnist, tmp_path
     assert torch.equal(vae.generate(models, z), vae.discretised_logistic_mean(decoded))  # the mean, in [0, 1]
 
 
-def test_bfloat16_trains_a_few_steps(tiny_mnist, tmp_path):
+def test_bfloat16_trains_a_few_steps(dtype_runs):
     losses = {}
-    for dtype in ("float32", "bfloat16"):
-        out = tmp_path / dtype
-        vae.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3", "--log_interval", "1",
-                  "--recon", "dlogistic", "--dtype", dtype, *TINY_CONV])
+    for dtype, out in dtype_runs.items():
         rows = read_log(out)
         assert len(rows) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
         losses[dtype] = [r["loss"] for r in rows]
@@ -602,8 +670,8 @@ def test_bfloat16_trains_a_few_steps(tiny_mnist, tmp_path):
     assert np.allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
 
 
-def test_log_after_resume_between_log_steps_equals_the_straight_run(tiny_mnist, tmp_path, monkeypatch):
-    common = ["--data_dir", str(tiny_mnist), "--log_interval", "4", "--ckpt_interval", "3", "--sample_interval", "1000",
+def test_log_after_resume_between_log_steps_equals_the_straight_run(shared_data, tmp_path, monkeypatch):
+    common = ["--data_dir", str(shared_data), "--log_interval", "4", "--ckpt_interval", "3", "--sample_interval", "1000",
               "--dtype", "float32", *TINY]
     vae.main(["--out_dir", str(tmp_path / "straight"), "--max_iters", "10", *common])
     expected = read_log(tmp_path / "straight")
@@ -667,12 +735,10 @@ def test_mse_of_reconstructions_is_the_mean_over_pixels_of_the_split():
 # --- checkpoints and bad input -------------------------------------------------------------
 
 
-def test_non_finite_weights_stop_before_the_checkpoint(tiny_mnist, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "o"
-    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--ckpt_interval", "2", "--log_interval", "2",
+def test_non_finite_weights_stop_before_the_checkpoint(shared_data, base_run, tmp_path, capsys, monkeypatch):
+    out = copy_of(base_run, tmp_path)  # --max_iters 2 --ckpt_interval 2 --log_interval 2
+    common = ["--data_dir", str(shared_data), "--out_dir", str(out), "--ckpt_interval", "2", "--log_interval", "2",
               "--dtype", "float32", *TINY]
-    vae.main(["--max_iters", "2", *common])
-    capsys.readouterr()
     good = (out / "ckpt.pt").read_bytes()
     adam_step, updates = torch.optim.Adam.step, []
 
@@ -750,22 +816,22 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
     (["--batch_size", str(2 ** 16 + 1)], "--batch_size: 65537 is outside [1, 65536]"),
     (["--beta1", "1"], "--beta1: 1 is outside [0, 1)"), (["--kl_weight", "inf"], "--kl_weight: inf is outside"),
 ])
-def test_bad_flags(tiny_mnist, tmp_path, capsys, flags, message):
+def test_bad_flags(shared_data, tmp_path, capsys, flags, message):
     # into the out_dir of an earlier run: nothing it saved may change
     out = tmp_path / "o"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    assert message in error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), *flags])
+    assert message in error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(out), *flags])
     assert (out / "ckpt.pt").read_bytes() == b"an earlier run's checkpoint"
     assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
 
 
-def test_unwritable_out_dir(tiny_mnist, tmp_path, capsys):
+def test_unwritable_out_dir(shared_data, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(blocker / "run"), "--max_iters", "1", *TINY])
+    line = error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(blocker / "run"), "--max_iters", "1", *TINY])
     assert line.startswith("vae.py: error: cannot write to --out_dir") and str(blocker / "run") in line
     assert blocker.read_text() == "not a folder"
     if os.geteuid() != 0:  # root writes through permission bits
@@ -773,30 +839,28 @@ def test_unwritable_out_dir(tiny_mnist, tmp_path, capsys):
         read_only.mkdir()
         read_only.chmod(0o555)
         try:
-            line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(read_only), "--max_iters", "1", *TINY])
+            line = error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(read_only), "--max_iters", "1", *TINY])
             assert "cannot write to --out_dir" in line and os.listdir(read_only) == []
         finally:
             read_only.chmod(0o755)
 
 
-def test_checkpoint_of_another_script_to_resume(tiny_mnist, tmp_path, capsys):
+def test_checkpoint_of_another_script_to_resume(shared_data, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5, "models": {}}, out / "ckpt.pt")
     saved = (out / "ckpt.pt").read_bytes()
-    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
+    line = error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(out), "--resume", *TINY])
     assert "is not a format-2 vae checkpoint (an older vae.py or another script wrote it)" in line
     assert (out / "ckpt.pt").read_bytes() == saved and os.listdir(out) == ["ckpt.pt"]
     torch.save([1, 2, 3], out / "ckpt.pt")  # a readable file that is no checkpoint at all
-    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
+    line = error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(out), "--resume", *TINY])
     assert "is not a format-2 vae checkpoint" in line and os.listdir(out) == ["ckpt.pt"]
 
 
-def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys):
-    out = tmp_path / "o"
-    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--dtype", "float32", *TINY]
-    vae.main(["--max_iters", "2", "--lr", "1e-3", *common])
-    capsys.readouterr()
+def test_resume_honours_typed_flags_and_refuses_fixed_ones(shared_data, base_run, tmp_path, capsys):
+    out = copy_of(base_run, tmp_path)  # --max_iters 2 --lr 1e-3
+    common = ["--data_dir", str(shared_data), "--out_dir", str(out), "--dtype", "float32", *TINY]
     saved = (out / "ckpt.pt").read_bytes()
     line = error_line(capsys, ["--max_iters", "4", "--resume", *common, "--latent_dim", "8"])
     assert "--latent_dim cannot change in a resumed run" in line
@@ -809,20 +873,18 @@ def test_resume_honours_typed_flags_and_refuses_fixed_ones(tiny_mnist, tmp_path,
     assert ckpt["step"] == 4 and ckpt["config"]["lr"] == 2e-4 and ckpt["optimizers"]["vae"]["param_groups"][0]["lr"] == 2e-4
 
 
-def test_corrupt_checkpoint_to_resume(tiny_mnist, tmp_path, capsys):
+def test_corrupt_checkpoint_to_resume(shared_data, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--resume", *TINY])
+    line = error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(out), "--resume", *TINY])
     assert "cannot read checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys):
-    out = tmp_path / "o"
-    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--ckpt_interval", "2", "--log_interval", "2", *TINY]
-    vae.main(["--max_iters", "2", *common])
-    capsys.readouterr()
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, base_run, tmp_path, capsys):
+    out = copy_of(base_run, tmp_path)  # --max_iters 2 --ckpt_interval 2 --log_interval 2
+    common = ["--data_dir", str(shared_data), "--out_dir", str(out), "--ckpt_interval", "2", "--log_interval", "2", *TINY]
     good = (out / "ckpt.pt").read_bytes()
     assert "non-finite loss" in error_line(capsys, ["--max_iters", "20", "--resume", "--lr", "1e30", *common])
     assert (out / "ckpt.pt").read_bytes() == good
@@ -832,24 +894,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, cap
 # --- the run plumbing: old checkpoints, buffers, precision, fuzzed flags ----------------------
 
 
-def test_old_format_checkpoint_is_refused(tiny_mnist, tmp_path, capsys):
-    out = tmp_path / "o"
-    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--dtype", "float32", *TINY]
-    vae.main(["--max_iters", "1", *common])
+def test_old_format_checkpoint_is_refused(shared_data, base_run, tmp_path, capsys):
+    out = copy_of(base_run, tmp_path)
+    common = ["--data_dir", str(shared_data), "--out_dir", str(out), "--dtype", "float32", *TINY]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     vae.load_models(ckpt, "cpu")  # the format it writes loads
     ckpt["format"] = 1
     torch.save(ckpt, out / "ckpt.pt")
     saved = (out / "ckpt.pt").read_bytes()
     capsys.readouterr()
-    line = error_line(capsys, ["--max_iters", "2", "--resume", *common])
+    line = error_line(capsys, ["--max_iters", "4", "--resume", *common])
     assert "is not a format-2 vae checkpoint" in line and (out / "ckpt.pt").read_bytes() == saved
     with pytest.raises(ValueError, match="not a format-2 vae checkpoint"):
         vae.load_models(ckpt, "cpu")
 
 
 @pytest.mark.parametrize("arch,poisoned_step", [("conv", 2), ("conv", 3), ("csi5340", 3)])
-def test_non_finite_batchnorm_buffer_alone_stops_the_run(tiny_mnist, tmp_path, capsys, monkeypatch, arch, poisoned_step):
+def test_non_finite_batchnorm_buffer_alone_stops_the_run(shared_data, tmp_path, capsys, monkeypatch, arch, poisoned_step):
     # a running variance overflows while the weights and the losses (batch statistics in training) stay finite:
     # step 2 poisoned: ckpt.pt (step 2) is never written; step 3: ckpt.pt of step 2 stays, and ckpt_best.pt (the
     # evaluation at step 4, the first) is never written
@@ -872,7 +933,7 @@ def test_non_finite_batchnorm_buffer_alone_stops_the_run(tiny_mnist, tmp_path, c
     out = tmp_path / "o"
     flags = TINY_CONV if arch == "conv" else ["--arch", "csi5340", "--depth", "2", "--width", "4", "--h_dim", "256",
                                               "--recon", "mse", "--latent_dim", "4", "--batch_size", "16", "--device", "cpu"]
-    line = error_line(capsys, ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "4", "--dtype",
+    line = error_line(capsys, ["--data_dir", str(shared_data), "--out_dir", str(out), "--max_iters", "4", "--dtype",
                                "float32", "--log_interval", "1", "--ckpt_interval", "2", "--sample_interval", "4", *flags])
     assert f"non-finite loss or weights by step {2 if poisoned_step == 2 else 4}" in line or \
         f"non-finite weights by step 4; the checkpoints in {out} are kept" in line, line
@@ -886,10 +947,10 @@ def test_non_finite_batchnorm_buffer_alone_stops_the_run(tiny_mnist, tmp_path, c
                                          if t.is_floating_point())
 
 
-def test_best_checkpoint_is_checked_before_it_is_written(tiny_mnist, tmp_path, capsys, monkeypatch):
+def test_best_checkpoint_is_checked_before_it_is_written(shared_data, tmp_path, capsys, monkeypatch):
     # the evaluation at step 2 improves the test MSE while a batch-norm buffer is infinite: ckpt_best.pt of step 1 stays
     out = tmp_path / "o"
-    common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--dtype", "float32", "--sample_interval", "1",
+    common = ["--data_dir", str(shared_data), "--out_dir", str(out), "--dtype", "float32", "--sample_interval", "1",
               "--ckpt_interval", "1000", *TINY_CONV]
     vae.main(["--max_iters", "1", *common])
     capsys.readouterr()
@@ -902,9 +963,8 @@ def test_best_checkpoint_is_checked_before_it_is_written(tiny_mnist, tmp_path, c
 
 
 @pytest.mark.parametrize("faster", ["float32", "bfloat16"])
-def test_dtype_auto_measures_through_main(tiny_mnist, tmp_path, monkeypatch, faster):
-    common = ["--data_dir", str(tiny_mnist), "--max_iters", "2", "--log_interval", "1", *TINY_CONV]
-    vae.main(["--out_dir", str(tmp_path / "reference"), "--dtype", faster, *common])
+def test_dtype_auto_measures_through_main(shared_data, dtype_runs, tmp_path, monkeypatch, faster):
+    common = ["--data_dir", str(shared_data), *DTYPE_FLAGS]
     trials = []
 
     def fake_time_trial(step, device, dtype):
@@ -922,7 +982,7 @@ def test_dtype_auto_measures_through_main(tiny_mnist, tmp_path, monkeypatch, fas
                                         "bfloat16": 20.0 if faster == "float32" else 10.0}
     # the trial left the networks and the random streams as they were: the same losses as the run that named the dtype
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "images_per_s")} for r in rows]  # noqa: E731
-    assert strip(read_log(out)) == strip(read_log(tmp_path / "reference"))
+    assert strip(read_log(out)) == strip(read_log(dtype_runs[faster]))
 
 
 INT_FLAGS = {"img_size": [], "latent_dim": [], "hidden": [], "batch_size": [], "max_iters": [], "log_interval": [],
@@ -933,10 +993,10 @@ INT_FLAGS = {"img_size": [], "latent_dim": [], "hidden": [], "batch_size": [], "
 FLOAT_FLAGS = {"kl_weight": [], "lr": [], "beta1": [], "beta2": []}
 
 
-def test_fuzzed_numeric_flags_end_cleanly(tiny_mnist, tmp_path, capsys):
+def test_fuzzed_numeric_flags_end_cleanly(shared_data, tmp_path, capsys, monkeypatch, curves_calls):
     # each int and float flag at 0, -1 and 1e9: a run that ends, or one line on stderr and a non-zero exit, never a
-    # traceback; the one case that means a very long run (--max_iters 1e9) runs in a process of its own, for seconds
-    base = ["--data_dir", str(tiny_mnist), "--dtype", "float32", "--max_iters", "2", "--hidden", "8", "--latent_dim",
+    # traceback; the one case that means a very long run (--max_iters 1e9) is stopped after its first log row
+    base = ["--data_dir", str(shared_data), "--dtype", "float32", "--max_iters", "2", "--hidden", "8", "--latent_dim",
             "2", "--batch_size", "4", "--device", "cpu"]
     outcomes = {}
     for flags, huge in ((INT_FLAGS, str(10 ** 9)), (FLOAT_FLAGS, "1e9")):
@@ -956,16 +1016,26 @@ def test_fuzzed_numeric_flags_end_cleanly(tiny_mnist, tmp_path, capsys):
                 assert all(line.startswith("vae.py: error: ") for line in err), (flag, value, err)
     assert outcomes["lr", "0"] == outcomes["batch_size", str(10 ** 9)] == outcomes["img_size", str(10 ** 9)] == "refused"
     assert outcomes["seed", "-1"] == outcomes["kl_weight", "0"] == outcomes["beta2", "0"] == "ran"
-    proc = subprocess.Popen([sys.executable, "vae.py", *base, "--out_dir", str(tmp_path / "long"), "--max_iters",
-                             str(10 ** 9)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # the curves of every run that logged, drawn once from all their rows (each run's own drawing is skipped)
+    (tmp_path / "log.jsonl").write_text("".join(path.read_text() for path in sorted(tmp_path.glob("*/log.jsonl"))))
+    PLOT_CURVES(str(tmp_path / "log.jsonl"), str(tmp_path), curves_calls[0][2])
+    assert (tmp_path / "curves.png").exists() and len(read_log(tmp_path)) >= list(outcomes.values()).count("ran") > 10
+
+    class Stopped(Exception):
+        pass
+
+    def log_then_stop(*args):
+        write_log_row(*args)
+        raise Stopped
+
+    write_log_row = vae.write_log_row
+    monkeypatch.setattr(vae, "write_log_row", log_then_stop)
     try:
-        _, err = proc.communicate(timeout=8)
-        assert proc.returncode == 0 or len(err.strip().splitlines()) == 1, err  # ended within seconds: cleanly
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    assert "Traceback" not in err, err
+        vae.main([*base, "--out_dir", str(tmp_path / "long"), "--max_iters", str(10 ** 9)])
+    except SystemExit as e:  # ended: cleanly
+        assert e.code != 0 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    except Stopped:  # it runs: its first row logged
+        assert read_log(tmp_path / "long")[0]["step"] == 100 and not capsys.readouterr().err
 
 
 def test_every_numeric_flag_is_fuzzed(monkeypatch):
