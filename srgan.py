@@ -28,7 +28,7 @@ from torch.optim.swa_utils import update_bn
 from torchvision.utils import save_image
 
 SCRIPT = "srgan"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: --residual
 
 # -----------------------------------------------------------------------------
 # Data: data/<dataset>/{train,test}.npy, uint8 N x H x W x C, held on the device
@@ -80,18 +80,20 @@ def block(in_ch, out_ch, up=False, norm=True):
     return nn.Sequential(conv, *([nn.BatchNorm2d(out_ch)] if norm else []), nn.LeakyReLU(0.2, True))
 
 class UNetGenerator(nn.Module):
-    """Low-resolution image (C x 64 x 64, [-1, 1]) -> restored image (tanh). Five encoder layers take 64 -> 2 pixels
+    """Low-resolution image (C x 64 x 64, [-1, 1]) -> restored image. Five encoder layers take 64 -> 2 pixels
     (ngf .. 16 ngf), five decoder layers take 2 -> 64 (8 ngf .. ngf/2), each after the first fed the previous output
-    beside the encoder feature of its size; a 3x3 conv over [last decoder output, input image] gives the image. The
-    layer table, and where it departs from the handout's: docs/srgan.md."""
+    beside the encoder feature of its size; a 3x3 conv over [last decoder output, input image] gives the image (tanh),
+    or with residual a correction added to the input. The layer table, and the departures from the handout's:
+    docs/srgan.md."""
 
-    def __init__(self, channels, ngf=32):
+    def __init__(self, channels, ngf=32, residual=False):
         super().__init__()
+        self.residual = residual
         enc, dec = [ngf * 2 ** i for i in range(5)], [ngf * 8 // 2 ** i for i in range(5)]
         self.encoder = nn.ModuleList(block(a, b) for a, b in zip([channels] + enc[:-1], enc))
         dec_in = [enc[4]] + [d + e for d, e in zip(dec, enc[3::-1])]  # previous decoder output + skip
         self.decoder = nn.ModuleList(block(a, b, up=True) for a, b in zip(dec_in, dec))
-        self.out = nn.Sequential(nn.Conv2d(dec[-1] + channels, channels, 3, 1, 1), nn.Tanh())
+        self.out = nn.Sequential(nn.Conv2d(dec[-1] + channels, channels, 3, 1, 1), *[] if residual else [nn.Tanh()])
 
     def forward(self, x):
         skips = [x]
@@ -100,7 +102,8 @@ class UNetGenerator(nn.Module):
         h = self.decoder[0](skips.pop())  # (16 ngf) x 2 x 2 -> (8 ngf) x 4 x 4
         for layer in self.decoder[1:]:
             h = layer(torch.cat([h, skips.pop()], 1))
-        return self.out(torch.cat([h, skips.pop()], 1))  # [(ngf/2) x 64 x 64, the input image]
+        out = self.out(torch.cat([h, skips.pop()], 1))  # [(ngf/2) x 64 x 64, the input image]
+        return (x + out).clamp(-1, 1) if self.residual else out  # --residual: the input plus a correction
 
 class Discriminator(nn.Sequential):
     """Image (C x 64 x 64) -> one logit: five 4x4 stride-2 convs take 64 -> 2 (ndf .. 16 ndf, [batch norm]), then a
@@ -122,7 +125,10 @@ def init_weights(module):
 
 def build_models(config):
     c, sn = config["channels"], config["sn"]
-    G = UNetGenerator(c, config["ngf"]).apply(init_weights)
+    G = UNetGenerator(c, config["ngf"], config["residual"]).apply(init_weights)
+    if config["residual"]:  # a zero correction: training starts at the bilinear baseline, exact black included
+        nn.init.zeros_(G.out[0].weight)
+        nn.init.zeros_(G.out[0].bias)
     D = Discriminator(c, config["ndf"], norm=not (sn or config["gan_loss"] == "wgan-gp")).apply(init_weights)
     for conv in [m for m in D.modules() if sn and isinstance(m, nn.Conv2d)]:
         nn.utils.parametrizations.spectral_norm(conv)  # Miyato et al. 2018
@@ -237,6 +243,8 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--ndf", type=number(int, 1, 1024), default=32, help="discriminator width of its first layer")
     p.add_argument("--gan_loss", default="bce", choices=["bce", "lsgan", "hinge", "wgan-gp"], help="GAN loss")
     p.add_argument("--gp_weight", type=number(float, 0), default=10.0, help="gradient penalty weight for wgan-gp")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="G's output: its input plus a correction starting at zero; --no-residual: the handout's tanh")
     p.add_argument("--sn", action="store_true", help="spectral norm on every D conv, and no batch norm in D")
     p.add_argument("--recon", default="l1", choices=["l1", "mse"], help="pixel reconstruction loss, on [-1, 1] images")
     p.add_argument("--recon_weight", type=number(float, 0), default=1.0, help="weight of the reconstruction loss")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -413,16 +414,16 @@ def fakegan(folders):
     return root
 
 
-def test_generator_in_memory_equals_pngs_first(fakegan, folders):
+def test_generator_in_memory_equals_pngs_first(fakegan, folders, monkeypatch):
     dump = fakegan / "samples"
     dump.mkdir()
-    env = {"FAKEGAN_DUMP": str(dump)}
-    run_script("evaluate.py", "--ckpt", fakegan / "ckpt.pt", "--script", fakegan / "fakegan.py", "--n", N_IMAGES,
-               "--batch_size", 10, "--metrics", "fid,kid",
-               "--json", fakegan / "mem.json", "--cache_dir", folders.cache, "--device", "cpu", env=env)
+    monkeypatch.setenv("FAKEGAN_DUMP", str(dump))
+    evaluate.main([str(a) for a in ("--ckpt", fakegan / "ckpt.pt", "--script", fakegan / "fakegan.py", "--n",
+                                    N_IMAGES, "--batch_size", 10, "--metrics", "fid,kid", "--json", fakegan / "mem.json",
+                                    "--cache_dir", folders.cache, "--device", "cpu")])
     assert len(list(dump.glob("*.png"))) == N_IMAGES
-    run_script("evaluate.py", "--real", folders.real, "--fake", dump, "--metrics", "fid,kid", "--batch_size", 10,
-               "--json", fakegan / "png.json", "--cache_dir", folders.cache, "--device", "cpu")
+    evaluate.main([str(a) for a in ("--real", folders.real, "--fake", dump, "--metrics", "fid,kid", "--batch_size", 10,
+                                    "--json", fakegan / "png.json", "--cache_dir", folders.cache, "--device", "cpu")])
     mem, png = read_json(fakegan / "mem.json"), read_json(fakegan / "png.json")
     assert mem["source"]["script"] == "fakegan" and mem["source"]["step"] == 7 and mem["source"]["n_generated"] == N_IMAGES
     assert mem["metrics"]["fid"] == pytest.approx(png["metrics"]["fid"], rel=1e-6)
@@ -826,16 +827,35 @@ END_TO_END = {  # script: (training flags, metrics asked for, rows expected)
 }
 
 
+@pytest.fixture(scope="module")
+def end_to_end_runs(tmp_path_factory):
+    """One 2-step run of each script in END_TO_END, trained in this process; each test evaluates a copy."""
+    import importlib
+    root = tmp_path_factory.mktemp("end_to_end")
+    src, data = REPO / "data" / "mnist5k", root / "data"  # conftest's tiny_mnist, made once for the module
+    (data / "mnist5k").mkdir(parents=True)
+    for split, n in (("train", 256), ("test", 64)):
+        for suffix in ("", "_labels"):
+            np.save(data / "mnist5k" / f"{split}{suffix}.npy", np.load(src / f"{split}{suffix}.npy")[::15][:n])
+    for script, (flags, _, _) in END_TO_END.items():
+        importlib.import_module(script[:-3]).main(
+            ["--data_dir", str(data), "--max_iters", "2", "--out_dir", str(root / script), "--device", "cpu",
+             "--log_interval", "1", "--sample_interval", "2", "--ckpt_interval", "2", *flags])
+    return root
+
+
 @pytest.mark.parametrize("split", ["test", "train"])
 @pytest.mark.parametrize("script", sorted(END_TO_END))
-def test_checkpoint_end_to_end(script, split, tiny_mnist, tmp_path):
+def test_checkpoint_end_to_end(script, split, end_to_end_runs, tmp_path, capsys):
     flags, metrics, expected = END_TO_END[script]
-    run_script(script, "--data_dir", tiny_mnist, "--max_iters", 2, "--out_dir", tmp_path / "run", "--device", "cpu",
-               "--log_interval", 1, "--sample_interval", 2, "--ckpt_interval", 2, *flags)
+    run = tmp_path / "run"
+    shutil.copytree(end_to_end_runs / script, run)
     out = tmp_path / "eval.json"
-    proc = run_script("evaluate.py", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 32, "--n_real", 32, "--metrics", metrics,
-                      "--bpd_k", 8, "--bpd_n", 8, "--split", split, "--json", out, "--cache_dir", tmp_path / "cache",
-                      "--device", "cpu")
+    capsys.readouterr()
+    evaluate.main([str(a) for a in ("--ckpt", run / "ckpt.pt", "--n", 32, "--n_real", 32, "--metrics", metrics,
+                                    "--bpd_k", 8, "--bpd_n", 8, "--split", split, "--json", out, "--cache_dir",
+                                    tmp_path / "cache", "--device", "cpu")])
+    proc = SimpleNamespace(stdout=capsys.readouterr().out)
     report = read_json(out)
     assert report["source"]["script"] == script[:-3]
     assert expected <= set(report["metrics"]), report["metrics"]

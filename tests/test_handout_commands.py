@@ -42,7 +42,7 @@ HANDOUT_RUNS = {
     # super-resolution with "batch size of 32, 100 epochs, and Adam optimizer with 2e-4 learning rate".
     "out/vae": ("vae", dict(arch="mlp", latent_dim=20, kl_weight=1.0, recon="bce")),
     "out/dcgan_stl10": ("dcgan", dict(DCGAN_HANDOUT, dataset="stl10", img_size=64, ngf=128, ndf=128, batch_size=128, nz=100)),
-    "out/srgan_celeba": ("srgan", dict(dataset="celeba/cis680", batch_size=32, lr=2e-4, ema_decay=0.0,
+    "out/srgan_celeba": ("srgan", dict(dataset="celeba/cis680", batch_size=32, lr=2e-4, ema_decay=0.0, residual=False,
                                        max_iters=iterations(100, CIS680_FACES, 32))),
     # DLCV HW4: VAE "batch size 64 to train 200 epochs", 512 latents, lr 2e-4, MSE + 1e-2 KL (both means);
     # GAN "updating ratio between discriminator and generator is set to 1:2 ... batch size 64 to train 300 epochs";

@@ -24,7 +24,7 @@ F32 = ["--dtype", "float32"]  # the bit-exact reference (auto is bfloat16 on CPU
 
 
 def config(**kw):
-    base = dict(channels=1, ngf=32, ndf=32, sn=False, gan_loss="bce", down="bilinear", low_size=16)
+    base = dict(channels=1, ngf=32, ndf=32, sn=False, gan_loss="bce", down="bilinear", low_size=16, residual=False)
     return {**base, **kw}
 
 
@@ -196,6 +196,29 @@ def test_skip_connections_and_input_image_reach_the_output():
     assert torch.equal(G(x), base)  # hooks removed: back to the same output
 
 
+def test_residual_generator_starts_at_the_bilinear_input_and_learns_a_correction():
+    torch.manual_seed(0)
+    G = srgan.build_models(config(residual=True))["G"]
+    truth = torch.rand(4, 1, 64, 64).round()  # black and white, as digits: exact 0 must stay exact
+    low = srgan.degrade(truth, config())
+    assert torch.equal(srgan.upscale({"G": G.eval()}, low), low)  # at initialisation: the bilinear baseline
+    assert not isinstance(G.out[-1], nn.Tanh)
+    optimizer = torch.optim.Adam(G.train().parameters(), 1e-3)
+    losses = []
+    for _ in range(5):
+        loss = F.l1_loss(G(low * 2 - 1), truth * 2 - 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # the correction is learnt from zero
+    out = srgan.upscale({"G": G.eval()}, low)
+    assert not torch.equal(out, low) and 0 <= out.min() and out.max() <= 1
+    # --no-residual is the handout's generator: a tanh output that does not start at the input
+    plain = srgan.build_models(config(residual=False))["G"].eval()
+    assert isinstance(plain.out[-1], nn.Tanh) and not torch.allclose(srgan.upscale({"G": plain}, low), low, atol=1e-2)
+
+
 def test_discriminator_is_the_handout_six_convs():
     D = srgan.build_models(config(channels=3))["D"]
     convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
@@ -299,7 +322,7 @@ def test_training_writes_every_output(outputs_run):
     assert 0 < rows[0]["test_mse"] and 0 < rows[0]["baseline_mse"] < 0.05
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["script"] == "srgan" and ckpt["format"] == 2 and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
+    assert ckpt["script"] == "srgan" and ckpt["format"] == 3 and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
     models = srgan.load_models(ckpt, "cpu")
     truth = srgan.real_images(ckpt["config"], "test")[0][:4].float() / 255
     assert truth.shape == (4, 1, 64, 64)
@@ -537,7 +560,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_load_models_refuses_another_scripts_checkpoint():
-    with pytest.raises(ValueError, match="not a format-2 srgan checkpoint"):
+    with pytest.raises(ValueError, match="not a format-3 srgan checkpoint"):
         srgan.load_models({"script": "dcgan", "format": 2, "config": {}}, "cpu")
 
 
@@ -608,7 +631,7 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_mnist, tmp_path, capsys)
     torch.save({"script": "dcgan", "format": 1, "config": {"nz": 100}, "step": 5}, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
     line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", out, "--resume", *TINY)
-    assert "is not a format-2 srgan checkpoint" in line
+    assert "is not a format-3 srgan checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == before and sorted(os.listdir(out)) == ["ckpt.pt"]
 
 
@@ -642,9 +665,9 @@ def test_old_format_checkpoint_is_refused(data_dir, two_step_run, tmp_path, caps
     torch.save(ckpt, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
     line = main_error(capsys, "--data_dir", data_dir, "--out_dir", out, "--max_iters", "3", "--resume", *TINY)
-    assert "not a format-2 srgan checkpoint" in line
+    assert "not a format-3 srgan checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == before
-    with pytest.raises(ValueError, match="format-2"):
+    with pytest.raises(ValueError, match="format-3"):
         srgan.load_models(ckpt, "cpu")
 
 
