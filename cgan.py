@@ -364,9 +364,10 @@ def main(argv=None):
         fail(e)
     n_classes = config["n_classes"] = len(config["class_names"])
     acgan, three, policy = n_classes > 0, config["three_optimizers"], config["augment"]
-
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank, so the EMA starts from DDP's
     models = {name: m.to(device, memory_format=torch.channels_last) for name, m in build_models(config).items()}
+    if rank:  # from here each rank draws its own noise; rank 0 goes on as a single process does
+        torch.manual_seed(config["seed"] + rank)
     G, D = models["G"], models["D"]
     optimizers = build_optimizers(G, D, config)
     ema = {"G": copy.deepcopy(G).eval().requires_grad_(False)} if config["ema_decay"] else {}
@@ -377,7 +378,6 @@ def main(argv=None):
     trial = [copy.deepcopy(G), copy.deepcopy(D), bn_inputs[0].to(device)]
     autocast = choose_precision(config, device, lambda: sum(o.sum() for o in trial[1](trial[0](trial[2]))).backward())
     fixed_z = sample_latent(config, 36, "cpu", torch.Generator().manual_seed(config["seed"])).to(device)  # the grids'
-
     G_train, D_train = (torch.compile(G), torch.compile(D)) if config["compile"] else (G, D)
     D_judge = D_train  # D in G's update: outside DDP, since its frozen weights get no gradient there
     if ddp:

@@ -279,8 +279,10 @@ def main(argv=None):
         truth = data[idx.to(device)].float().div(255)
         return [x.mul(2).sub(1).contiguous(memory_format=torch.channels_last) for x in (truth, degrade(truth, config))]
 
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank, so the EMA starts from DDP's
     models = {name: m.to(device, memory_format=torch.channels_last) for name, m in build_models(config).items()}
+    if rank:  # from here each rank draws its own noise; rank 0 goes on as a single process does
+        torch.manual_seed(config["seed"] + rank)
     G, D = models["G"], models["D"]
     optimizers = {name: torch.optim.Adam(m.parameters(), config["lr"], (config["beta1"], config["beta2"]))
                   for name, m in models.items()}

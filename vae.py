@@ -454,8 +454,10 @@ def main(argv=None):
     local_batch //= world
     memory_format = torch.contiguous_format if config["arch"] == "mlp" else torch.channels_last  # faster convs
 
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank, so the EMA starts from DDP's
     models = {name: m.to(device, memory_format=memory_format) for name, m in build_models(config).items()}
+    if rank:  # from here each rank draws its own noise; rank 0 goes on as a single process does
+        torch.manual_seed(config["seed"] + rank)
     decoder, best = models["decoder"], Record(test_mse=math.inf)
     # the decoder's sigma (--recon mse, mse_mean) takes larger steps: at --lr it would need ~10^4 to fit the MSE
     sigma = [decoder.log_sigma] if recon in GAUSSIAN_RECON else []

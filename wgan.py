@@ -280,8 +280,10 @@ def main(argv=None):
     local_batch, nz, policy = config["batch_size"] // world, config["nz"], config["augment"]
     n_critic, gp_mode, memory_format = config["n_critic"], config["mode"] == "gp", torch.channels_last  # faster convs
 
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank, so the EMA starts from DDP's
     models = {name: m.to(device, memory_format=memory_format) for name, m in build_models(config).items()}
+    if rank:  # from here each rank draws its own noise; rank 0 goes on as a single process does
+        torch.manual_seed(config["seed"] + rank)
     G, D = models["G"], models["D"]
     optimizers = {name: torch.optim.Adam(m.parameters(), config["lr"], (config["beta1"], config["beta2"])) if gp_mode
                   else torch.optim.RMSprop(m.parameters(), config["lr"]) for name, m in models.items()}

@@ -523,11 +523,38 @@ def test_test_split_of_other_channels_stops_with_one_line(tiny_mnist, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
-def test_torchrun_two_processes(tiny_mnist, tmp_path):
-    out = tmp_path / "ddp"
+DDP_PROBE = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import srgan
+states, rank = [], int(os.environ.get("RANK", 0))
+original_restore = srgan.restore
+srgan.restore = lambda ckpt, config, state, *a: states.append(state) or original_restore(ckpt, config, state, *a)
+srgan.main(sys.argv[1:])
+torch.save({{group: {{name: obj.state_dict() for name, obj in objects.items()}} for group, objects in states[0].items()}},
+           sys.argv[sys.argv.index("--out_dir") + 1] + f"/state_rank{{rank}}.pt")
+"""
+
+
+def flat_state(state):
+    """name -> tensor for every weight, EMA weight and optimizer-state tensor; not batch-norm statistics (per rank)."""
+    flat = {}
+    for group, objects in state.items():
+        for name, sd in objects.items():
+            items = sd.items() if group != "optimizers" else ((f"{i}.{k}", v) for i, s in sd["state"].items()
+                                                               for k, v in s.items())
+            flat.update({f"{group}.{name}.{k}": v for k, v in items
+                         if torch.is_tensor(v) and "running" not in k and "num_batches" not in k})
+    return flat
+
+
+def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):
+    # the real loop under DDP: both ranks end with the same networks, EMA and optimizer states, unlike one process
+    # with the same global batch (the ranks draw different halves of it)
+    out, common = tmp_path / "ddp", ["--data_dir", str(tiny_mnist), "--max_iters", "3", "--log_interval", "1", *TINY, *F32]
+    (tmp_path / "probe.py").write_text(DDP_PROBE.format(repo=str(REPO)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29645",
-                           "srgan.py", "--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "3",
-                           "--log_interval", "1", *TINY],
+                           str(tmp_path / "probe.py"), "--out_dir", str(out), *common],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -535,6 +562,18 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["models"]["G"])  # saved without the DDP wrapper
     assert "G" in ckpt["ema"]
     assert len(read_log(out)) == 3 and len(read_log(out, "test_mse")) == 1  # only rank 0 writes
+    rank0, rank1 = (flat_state(torch.load(out / f"state_rank{r}.pt", weights_only=True)) for r in (0, 1))
+    groups = {".".join(k.split(".")[:2]) for k in rank0}
+    assert groups == {"models.G", "models.D", "optimizers.G", "optimizers.D", "ema.G"}, groups
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    states, original_restore = [], srgan.restore  # the same flags in one process, recorded as the probe does
+    monkeypatch.setattr(srgan, "restore", lambda ckpt, config, state, *a: states.append(state)
+                        or original_restore(ckpt, config, state, *a))
+    run_main("--out_dir", tmp_path / "alone", *common)
+    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
+                         for group, objects in states[0].items()})
+    for network in ("models.G", "models.D"):
+        assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 
 
 # --- checkpoints and bad input -------------------------------------------------------------

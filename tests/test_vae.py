@@ -589,11 +589,39 @@ def test_sigkill_then_resume_gives_identical_losses(shared_data, tmp_path):
     assert [r["step"] for r in rows if "test_mse" in r] == [15, 30, 40]
 
 
-def test_torchrun_two_processes(shared_data, tmp_path):
+DDP_PROBE = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import vae
+states, rank = [], int(os.environ.get("RANK", 0))
+original_restore = vae.restore
+vae.restore = lambda ckpt, config, state, *a: states.append(state) or original_restore(ckpt, config, state, *a)
+vae.main(sys.argv[1:])
+torch.save({{group: {{name: obj.state_dict() for name, obj in objects.items()}} for group, objects in states[0].items()}},
+           sys.argv[sys.argv.index("--out_dir") + 1] + f"/state_rank{{rank}}.pt")
+"""
+
+
+def flat_state(state):
+    """name -> tensor for every weight and optimizer-state tensor (the records are numbers, not tensors)."""
+    flat = {}
+    for group, objects in state.items():
+        for name, sd in objects.items():
+            items = sd.items() if group != "optimizers" else ((f"{i}.{k}", v) for i, s in sd["state"].items()
+                                                               for k, v in s.items())
+            flat.update({f"{group}.{name}.{k}": v for k, v in items if torch.is_tensor(v)})
+    return flat
+
+
+def test_torchrun_two_processes(shared_data, tmp_path, monkeypatch):
+    # the real loop under DDP: both ranks end with the same encoder, decoder, flow and optimizer state, unlike one
+    # process with the same global batch (the ranks draw different halves of it)
     out = tmp_path / "ddp"
+    common = ["--data_dir", str(shared_data), "--max_iters", "3", "--log_interval", "1", "--flow", "iaf", "--recon",
+              "mse", "--dtype", "float32", *TINY]
+    (tmp_path / "probe.py").write_text(DDP_PROBE.format(repo=str(REPO)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
-                           "vae.py", "--data_dir", str(shared_data), "--out_dir", str(out), "--max_iters", "3",
-                           "--log_interval", "1", "--flow", "iaf", "--recon", "mse", *TINY],
+                           str(tmp_path / "probe.py"), "--out_dir", str(out), *common],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -603,6 +631,18 @@ def test_torchrun_two_processes(shared_data, tmp_path):
     rows = read_log(out)
     assert len(rows) == 3 and "sigma" in rows[0]  # only rank 0 writes
     check_interface(ckpt, 28)  # an MLP with an IAF posterior and a Gaussian decoder
+    rank0, rank1 = (flat_state(torch.load(out / f"state_rank{r}.pt", weights_only=True)) for r in (0, 1))
+    groups = {".".join(k.split(".")[:2]) for k in rank0}
+    assert groups == {"models.encoder", "models.decoder", "models.flow", "optimizers.vae"}, groups
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    states, original_restore = [], vae.restore  # the same flags in one process, recorded as the probe does
+    monkeypatch.setattr(vae, "restore", lambda ckpt, config, state, *a: states.append(state)
+                        or original_restore(ckpt, config, state, *a))
+    vae.main(["--out_dir", str(tmp_path / "alone"), *common])
+    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
+                         for group, objects in states[0].items()})
+    for network in ("models.encoder", "models.decoder", "models.flow"):
+        assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 
 
 def test_default_image_size_follows_the_architecture(shared_data, base_run, tmp_path):
