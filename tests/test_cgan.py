@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import REPO, make_tiny_mnist, run_script
 
 sys.path.insert(0, str(REPO))
 import cgan  # noqa: E402
@@ -23,14 +23,7 @@ TIMING = ("ms_per_step", "images_per_s")
 PLOT_CURVES = cgan.plot_curves
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process training with one thread, as run_script's subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
-    machine two spinning threads per process make each step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
 
 @pytest.fixture(autouse=True)
@@ -43,12 +36,7 @@ def no_curves(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory):
     """conftest's tiny_mnist, made once for the module: 256 train and 64 test images, every class present."""
-    dst = tmp_path_factory.mktemp("tiny") / "data" / "mnist5k"
-    dst.mkdir(parents=True)
-    for split, n in (("train", 256), ("test", 64)):
-        for suffix in ("", "_labels"):
-            np.save(dst / f"{split}{suffix}.npy", np.load(REPO / "data" / "mnist5k" / f"{split}{suffix}.npy")[::15][:n])
-    return dst.parent
+    return make_tiny_mnist(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

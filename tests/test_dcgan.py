@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, run_script
+from conftest import REPO, flat_state, make_tiny_mnist, run_script
 
 sys.path.insert(0, str(REPO))
 import dcgan  # noqa: E402
@@ -32,25 +32,13 @@ def read_log(out_dir):
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one thread, as run_script's subprocesses do (OMP_NUM_THREADS=1): on a busy CPU, threads
-    that wait on each other make each tiny step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """conftest's tiny_mnist, made once for the tests that only read it."""
-    dst = tmp_path_factory.mktemp("shared") / "data" / "mnist5k"
-    dst.mkdir(parents=True)
-    for split, n in (("train", 256), ("test", 64)):
-        for suffix in ("", "_labels"):
-            np.save(dst / f"{split}{suffix}.npy", np.load(REPO / "data" / "mnist5k" / f"{split}{suffix}.npy")[::15][:n])
-    return dst.parent
+    return make_tiny_mnist(tmp_path_factory.mktemp("shared"))
 
 
 @pytest.fixture(scope="module")
@@ -637,17 +625,6 @@ def run_probe(tmp_path, name, common, nproc, poisoned_rank=-1, port=29517):
     proc = subprocess.run([*launch, str(probe), "--out_dir", str(out), *common], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     return out, proc
-
-
-def flat_state(state):
-    """name -> tensor for every weight, buffer and optimizer-state tensor, except batch-norm statistics (per rank)."""
-    flat = {}
-    for group, objects in state.items():
-        for name, sd in objects.items():
-            items = sd.items() if group != "optimizers" else ((f"{i}.{k}", v) for i, s in sd["state"].items()
-                                                               for k, v in s.items())
-            flat.update({f"{group}.{name}.{k}": v for k, v in items if "running" not in k and "num_batches" not in k})
-    return flat
 
 
 def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import INCEPTION_SKIP, REPO, run_script
+from conftest import INCEPTION_SKIP, REPO, make_tiny_mnist, run_script
 
 sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
@@ -832,11 +832,7 @@ def end_to_end_runs(tmp_path_factory):
     """One 2-step run of each script in END_TO_END, trained in this process; each test evaluates a copy."""
     import importlib
     root = tmp_path_factory.mktemp("end_to_end")
-    src, data = REPO / "data" / "mnist5k", root / "data"  # conftest's tiny_mnist, made once for the module
-    (data / "mnist5k").mkdir(parents=True)
-    for split, n in (("train", 256), ("test", 64)):
-        for suffix in ("", "_labels"):
-            np.save(data / "mnist5k" / f"{split}{suffix}.npy", np.load(src / f"{split}{suffix}.npy")[::15][:n])
+    data = make_tiny_mnist(root)  # conftest's tiny_mnist, made once for the module
     for script, (flags, _, _) in END_TO_END.items():
         importlib.import_module(script[:-3]).main(
             ["--data_dir", str(data), "--max_iters", "2", "--out_dir", str(root / script), "--device", "cpu",

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import DDP_STATE_PROBE, REPO, flat_state, run_script
 
 sys.path.insert(0, str(REPO))
 import srgan  # noqa: E402
@@ -523,36 +523,11 @@ def test_test_split_of_other_channels_stops_with_one_line(tiny_mnist, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
-DDP_PROBE = """
-import os, sys, torch
-sys.path.insert(0, {repo!r})
-import srgan
-states, rank = [], int(os.environ.get("RANK", 0))
-original_restore = srgan.restore
-srgan.restore = lambda ckpt, config, state, *a: states.append(state) or original_restore(ckpt, config, state, *a)
-srgan.main(sys.argv[1:])
-torch.save({{group: {{name: obj.state_dict() for name, obj in objects.items()}} for group, objects in states[0].items()}},
-           sys.argv[sys.argv.index("--out_dir") + 1] + f"/state_rank{{rank}}.pt")
-"""
-
-
-def flat_state(state):
-    """name -> tensor for every weight, EMA weight and optimizer-state tensor; not batch-norm statistics (per rank)."""
-    flat = {}
-    for group, objects in state.items():
-        for name, sd in objects.items():
-            items = sd.items() if group != "optimizers" else ((f"{i}.{k}", v) for i, s in sd["state"].items()
-                                                               for k, v in s.items())
-            flat.update({f"{group}.{name}.{k}": v for k, v in items
-                         if torch.is_tensor(v) and "running" not in k and "num_batches" not in k})
-    return flat
-
-
 def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):
     # the real loop under DDP: both ranks end with the same networks, EMA and optimizer states, unlike one process
     # with the same global batch (the ranks draw different halves of it)
     out, common = tmp_path / "ddp", ["--data_dir", str(tiny_mnist), "--max_iters", "3", "--log_interval", "1", *TINY, *F32]
-    (tmp_path / "probe.py").write_text(DDP_PROBE.format(repo=str(REPO)))
+    (tmp_path / "probe.py").write_text(DDP_STATE_PROBE.format(repo=str(REPO), script='srgan'))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29645",
                            str(tmp_path / "probe.py"), "--out_dir", str(out), *common],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

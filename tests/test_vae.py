@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import DDP_STATE_PROBE, REPO, flat_state, make_tiny_mnist, run_script
 
 sys.path.insert(0, str(REPO))
 import vae  # noqa: E402
@@ -41,14 +41,7 @@ def mnist_batch(n=32, size=28):
     return vae.to_unit_interval(images[:n])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread in this process, as the subprocesses have (OMP_NUM_THREADS=1): on a busy CPU, the tiny
-    networks here run several times slower when threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +57,7 @@ def curves_calls(monkeypatch):
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
     """conftest's tiny_mnist made once, for the tests that only read it."""
-    src, dst = REPO / "data" / "mnist5k", tmp_path_factory.mktemp("shared") / "data"
-    (dst / "mnist5k").mkdir(parents=True)
-    for split, n in (("train", 256), ("test", 64)):
-        for suffix in ("", "_labels"):
-            np.save(dst / "mnist5k" / f"{split}{suffix}.npy", np.load(src / f"{split}{suffix}.npy")[::15][:n])
-    return dst
+    return make_tiny_mnist(tmp_path_factory.mktemp("shared"))
 
 
 BASE_FLAGS = ["--max_iters", "2", "--lr", "1e-3", "--ckpt_interval", "2", "--log_interval", "2", "--dtype", "float32",
@@ -589,37 +577,13 @@ def test_sigkill_then_resume_gives_identical_losses(shared_data, tmp_path):
     assert [r["step"] for r in rows if "test_mse" in r] == [15, 30, 40]
 
 
-DDP_PROBE = """
-import os, sys, torch
-sys.path.insert(0, {repo!r})
-import vae
-states, rank = [], int(os.environ.get("RANK", 0))
-original_restore = vae.restore
-vae.restore = lambda ckpt, config, state, *a: states.append(state) or original_restore(ckpt, config, state, *a)
-vae.main(sys.argv[1:])
-torch.save({{group: {{name: obj.state_dict() for name, obj in objects.items()}} for group, objects in states[0].items()}},
-           sys.argv[sys.argv.index("--out_dir") + 1] + f"/state_rank{{rank}}.pt")
-"""
-
-
-def flat_state(state):
-    """name -> tensor for every weight and optimizer-state tensor (the records are numbers, not tensors)."""
-    flat = {}
-    for group, objects in state.items():
-        for name, sd in objects.items():
-            items = sd.items() if group != "optimizers" else ((f"{i}.{k}", v) for i, s in sd["state"].items()
-                                                               for k, v in s.items())
-            flat.update({f"{group}.{name}.{k}": v for k, v in items if torch.is_tensor(v)})
-    return flat
-
-
 def test_torchrun_two_processes(shared_data, tmp_path, monkeypatch):
     # the real loop under DDP: both ranks end with the same encoder, decoder, flow and optimizer state, unlike one
     # process with the same global batch (the ranks draw different halves of it)
     out = tmp_path / "ddp"
     common = ["--data_dir", str(shared_data), "--max_iters", "3", "--log_interval", "1", "--flow", "iaf", "--recon",
               "mse", "--dtype", "float32", *TINY]
-    (tmp_path / "probe.py").write_text(DDP_PROBE.format(repo=str(REPO)))
+    (tmp_path / "probe.py").write_text(DDP_STATE_PROBE.format(repo=str(REPO), script='vae'))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
                            str(tmp_path / "probe.py"), "--out_dir", str(out), *common],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
