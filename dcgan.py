@@ -468,7 +468,8 @@ def choose_precision(config, device, trial_step):
             choice = [config["precision"]]
             torch.distributed.broadcast_object_list(choice, src=0)
             config["precision"] = choice[0]
-    print(f"--dtype {config['dtype']}: {config['precision']} (trial step, ms: {config['dtype_trial_ms'] or 'none'})")
+    print(f"--dtype {config['dtype']}: {config['precision']}" + (f" (trial step, ms: {config['dtype_trial_ms']})"
+                                                                    if config["dtype_trial_ms"] else ""))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bfloat16")
 
 def fixed_randn(seed, *shape):
