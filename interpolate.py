@@ -7,36 +7,33 @@
     python interpolate.py --ckpt out/cgan/ckpt.pt --mode classes      # the same noise under every class
     python interpolate.py --ckpt out/infogan/ckpt.pt --mode codes     # InfoGAN: each code varied, noise fixed per row
     python interpolate.py --ckpt out/dcgan/ckpt.pt --gif               # also pairs_lerp.gif, ...: one frame per column
-    python interpolate.py --movie out/dcgan                           # out/dcgan/training.gif: the run's grids
+    python interpolate.py --movie out/dcgan              # out/dcgan/training.gif and curves.png
 
 Modes (default --mode all: every grid that applies to the checkpoint, all but latents):
   pairs     one row per random pair (z0, z1), columns z(t) for t = i / (steps - 1), i = -E .. steps - 1 + E
-            (the MNIST homework's interpolation question; --extrapolate E adds E steps of the same size
-            beyond both ends, as that homework asks too)
+            (--extrapolate E adds E steps of the same size beyond both ends)
   traverse  one row per latent dimension in --dims, which takes --steps values over [-range, range]
-            while all other dimensions keep the values of one random z (the 2018 image-generation assignment's
-            traversals)
-  pixel     for random pairs (z0, z1) and their images x0 = G(z0), x1 = G(z1): G(z(t)) above (1 - t) x0 + t x1,
-            so both rows start on x0 and end on x1 (the 2018 image-generation assignment's latent vs pixel
-            comparison, section 5c); --endpoints test (VAEs) takes z0, z1 as the posterior means of test images
-  classes   conditional models: one column per noise vector, one row per class (DLCV (2018) HW4, problem 3)
+            while all other dimensions keep the values of one random z
+  pixel     for random pairs (z0, z1) and their images x0 = G(z0), x1 = G(z1): G(z(t)) above (1 - t) x0 + t x1;
+            --endpoints test (VAEs) takes z0, z1 as the posterior means of test images
+  classes   conditional models: one column per noise vector, one row per class
   codes     InfoGAN: per categorical code, its categories across the columns; per continuous code,
-            --steps values over [-code_range, code_range]; one noise (and other codes) per row (DLCV (2018) HW4, bonus)
+            --steps values over [-code_range, code_range]; one noise (and other codes) per row
   latents   models with an encoder (VAE): latents.png, a 2-D map of the test images' posterior means coloured by
-            label (DLCV (2018) HW4, problem 1): t-SNE (scikit-learn), or --projection pca
+            label: t-SNE (scikit-learn), or --projection pca
 
 Every grid is a PNG in --out_dir (default: the checkpoint's folder + /interpolations) with the column values
 on top and the row names on the left; the paths are printed. --gif also draws each grid as an animation, one frame
 per column, the rows stacked (classes: the noise walks from column to column, --steps points each).
 
---movie RUN draws RUN/training.gif instead: the grids RUN/samples/step_*.png of a run, in step order, each
-frame under a line naming its step.
+--movie RUN draws a run's pictures over training instead, in RUN (or --out_dir), at any time during or after it:
+training.gif, the grids RUN/samples/step_*.png in step order, each under a line naming its step, and curves.png,
+every number of RUN/log.jsonl against the step (one panel per name before its first "_": loss_D with loss_G).
 
 --compare CKPT CKPT ... draws one grid instead, compare.png (default: in the folder that holds the first run's
 folder): the same --n_noise latents through every checkpoint, one row each, named by its run folder, the flags
 that differ between the runs and the FID of the evaluate.py --json file beside it (--fid_json, default
-evaluate.json, the name bench.py uses).
-This is the 2018 image-generation assignment's upsampling comparison (section 3).
+evaluate.json, the name bench.py uses). Which course assignment asks for which grid: docs/interpolation.md.
 """
 import argparse
 import json
@@ -434,7 +431,7 @@ def training_movie(run, out_dir, ms=200):
     folder = os.path.join(run, "samples") if os.path.isdir(os.path.join(run, "samples")) else run
     steps = sorted((int(m[1]), m[0]) for m in map(re.compile(r"step_(\d+)\.png").fullmatch, os.listdir(folder)) if m)
     if not steps:
-        raise ValueError(f"--movie {run}: no grids step_*.png in {folder}")
+        return None
     grids = [Image.open(os.path.join(folder, name)).convert("RGB") for _, name in steps]
     font = load_font(max(12, grids[0].width // 16))
     line = font.getbbox("step 0")[3] + 8
@@ -445,6 +442,30 @@ def training_movie(run, out_dir, ms=200):
         ImageDraw.Draw(frame).text((4, 4), f"step {step:,}", fill="black", font=font)
         frames.append(frame)
     return save_gif(frames, os.path.join(out_dir, "training.gif"), [ms] * (len(frames) - 1) + [5 * ms])
+
+def training_curves(run, out_dir):
+    """curves.png: each number of RUN/log.jsonl against the step, the speed left out, one panel per name prefix."""
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] if os.path.isfile(
+        os.path.join(run, "log.jsonl")) else []
+    panels = {}
+    for key in dict.fromkeys(k for row in rows for k in row if k not in ("step", "ms_per_step", "images_per_s",
+                                                                          "peak_mem_mb")):
+        panels.setdefault(key.split("_")[0], []).append(key)
+    if not panels:
+        return None
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, keys in zip(axes[0], panels.values()):
+        for key in keys:  # some keys (a test metric) are only in some rows
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
+        ax.set(xlabel="step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(os.path.join(out_dir, "curves.tmp.png"), os.path.join(out_dir, "curves.png"))
+    return os.path.join(out_dir, "curves.png")
 
 def save_grid(grid, out_dir):
     path = os.path.join(out_dir, grid["name"] + ".png")
@@ -466,8 +487,8 @@ def get_args(argv=None):
     p.add_argument("--compare", nargs="+", metavar="CKPT",
                    help="instead of --ckpt: two or more checkpoints, drawn from the same noise, one row each, "
                         "into compare.png")
-    p.add_argument("--movie", metavar="RUN", help="instead of --ckpt: training.gif (in RUN, or --out_dir), the grids "
-                                                  "RUN/samples/step_*.png in step order, each under its step")
+    p.add_argument("--movie", metavar="RUN", help="instead of --ckpt: training.gif (the grids RUN/samples/step_*.png "
+                                                  "in step order) and curves.png (RUN/log.jsonl) in RUN or --out_dir")
     p.add_argument("--gif", action="store_true", help="also draw each grid as NAME.gif, one frame per column")
     p.add_argument("--script", metavar="PATH.py", help="the model script to load the checkpoints with, if it is not "
                                                       "one of this project's")
@@ -556,7 +577,10 @@ def main(argv=None):
         args.device = resolve_device(args.device)
         if args.movie:
             make_out_dir(args.out_dir or args.movie)
-            print(training_movie(args.movie, args.out_dir or args.movie))
+            drawn = [f(args.movie, args.out_dir or args.movie) for f in (training_movie, training_curves)]
+            if drawn == [None, None]:
+                raise ValueError(f"--movie {args.movie}: neither grids samples/step_*.png nor rows in log.jsonl there")
+            print("\n".join(path for path in drawn if path))
             return
         if args.compare:  # written beside the run folders: out/a/ckpt.pt, out/b/ckpt.pt -> out/compare.png
             with torch.no_grad():

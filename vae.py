@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import timeit
 
 import numpy as np
 import torch
@@ -514,8 +515,6 @@ def main(argv=None):
                 window["test_mse"] = test_mse * window["steps"]  # write_log_row divides each sum by the steps
             if master:
                 write_log_row(log_path, step, window, seconds, timed, config)
-                if is_sample:
-                    plot_curves(log_path, out_dir, [("loss", "recon"), ("kl",)])
             window, timed = {}, 0
             if test_mse is not None and test_mse < best["test_mse"]:
                 best["test_mse"] = test_mse
@@ -569,14 +568,12 @@ def parse_run_flags(p, argv, defaults, batch_size, max_iters):
     return p.parse_args(argv)
 
 def parse_config(get_args, argv):
-    """The flags as a dict, and the checkpoint to resume (None for a new run): typed flags win over its config."""
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which checkpoint, before get_args' checks
-    first.add_argument("--resume", nargs="?", const="auto")
-    first.add_argument("--out_dir", default=f"out/{SCRIPT}")
-    known = first.parse_known_args(argv)[0]
-    if not known.resume:
-        return vars(get_args(argv)), None
-    path = os.path.join(known.out_dir, "ckpt.pt") if known.resume == "auto" else known.resume
+    """The flags as a dict, and the checkpoint to resume (None for a new run): its config becomes the parser's
+    defaults and the flags are parsed again, so typed flags win."""
+    args = get_args(argv)
+    if not args.resume:
+        return vars(args), None
+    path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         check_format(ckpt)
@@ -624,15 +621,11 @@ def cpu_computes_bfloat16():
     return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
                                                      or torch.cpu._is_amx_tile_supported())
 
-def time_trial(step, device, dtype, repeats=3):
-    """Milliseconds of step() under autocast in dtype: the fastest of `repeats` calls after a warm-up call."""
-    times = []
+def time_trial(step, device, dtype):
+    """Milliseconds of step() under autocast in dtype: the fastest of three calls after a warm-up call."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    return round(1000 * min(times[1:]), 2)
+        step()
+        return round(1000 * min(timeit.repeat(step, number=1, repeat=3)), 2)
 
 def choose_precision(config, device, trial_step):
     """The autocast context of config["precision"]. --dtype auto: bfloat16 on CUDA where supported; on a CPU only
@@ -750,25 +743,6 @@ def write_log_row(log_path, step, window, seconds, timed_steps, config):
     left = int(row["ms_per_step"] * (config["max_iters"] - step) / 1000)
     print(f"step {step}/{config['max_iters']} | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
           + f" | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
-
-def plot_curves(log_path, out_dir, keys):
-    """curves.png from log.jsonl: nothing before its first row, or without matplotlib."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, group in zip(axes[0], keys):
-        for key in group:  # some keys (a test metric) are only in some rows
-            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key)
-        ax.set(xlabel="step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(os.path.join(out_dir, "curves.tmp.png"), os.path.join(out_dir, "curves.png"))
 
 def fail(message):
     print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)

@@ -20,17 +20,9 @@ import cgan  # noqa: E402
 
 TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch_size", "16", "--device", "cpu"]
 TIMING = ("ms_per_step", "images_per_s")
-PLOT_CURVES = cgan.plot_curves
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
-
-
-@pytest.fixture(autouse=True)
-def no_curves(monkeypatch):
-    """In-process runs skip curves.png, most of a short run's time; test_acgan_run_writes_every_output draws it, and
-    every subprocess run (copied alone, torchrun) draws it for InfoGAN."""
-    monkeypatch.setattr(cgan, "plot_curves", lambda *args: None)
 
 
 @pytest.fixture(scope="module")
@@ -398,11 +390,10 @@ def test_bfloat16_autocast_trains(tiny_mnist, tmp_path):
 
 
 def test_acgan_run_writes_every_output(tiny_mnist, tmp_path, monkeypatch):
-    monkeypatch.setattr(cgan, "plot_curves", PLOT_CURVES)  # this test draws curves.png
     out = tmp_path / "run"
     train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--log_interval", "2",
           "--sample_interval", "2", "--ckpt_interval", "2", *TINY)
-    for name in ("ckpt.pt", "log.jsonl", "curves.png", "config.json", "samples/step_000002.png", "samples/step_000004.png"):
+    for name in ("ckpt.pt", "log.jsonl", "config.json", "samples/step_000002.png", "samples/step_000004.png"):
         assert (out / name).exists(), name
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 4]
@@ -781,7 +772,7 @@ def test_D_is_frozen_during_G_update(tiny_mnist, tmp_path, monkeypatch, flags):
 def test_dtype_auto_takes_the_faster_precision_on_a_bfloat16_cpu(tiny_mnist, tmp_path, monkeypatch, faster):
     trials = []
 
-    def fake_time_trial(step, device, dtype, repeats=3):
+    def fake_time_trial(step, device, dtype):
         step()  # the trial step runs, on copies of the networks
         trials.append(dtype)
         return 10.0 if dtype == faster else 20.0
@@ -818,7 +809,6 @@ def numeric_flags(monkeypatch):
 
 def test_fuzz_numeric_flags_end_normally_or_in_one_line(tiny_mnist, tmp_path, monkeypatch, capsys):
     assert numeric_flags(monkeypatch) == set(INT_FLAGS + FLOAT_FLAGS)  # every int and float flag is fuzzed
-    monkeypatch.setattr(cgan, "plot_curves", lambda *args: None)  # most of a 2-step run's time; no flag changes it
     common = ["--data_dir", tiny_mnist, "--max_iters", "2", "--dtype", "float32", *TINY]
     # --max_iters 1e9 is a valid, very long run: a process of its own, alongside the others, must train (its first
     # log row, with the time left) and show no traceback

@@ -437,7 +437,17 @@ def test_movie_has_one_frame_per_grid_in_step_order(tmp_path, capsys):
     captions = [frame[:-40] for frame in frames]
     assert all((c < 128).any() for c in captions) and len({c.tobytes() for c in captions}) == len(steps)
     assert durations[-1] > durations[0]  # the last grid stays longer
-    assert "no grids step_*.png" in error_line(capsys, "--movie", tmp_path)
+    assert "neither grids samples/step_*.png nor rows in log.jsonl" in error_line(capsys, "--movie", tmp_path)
+
+
+def test_movie_draws_the_logs_curves_one_panel_per_name_prefix(tmp_path, capsys):
+    rows = [{"step": s, "loss_D": 1 / s, "loss_G": s, "D_x": 0.5, "D_G_z1": 0.4, "ms_per_step": 9.0, "images_per_s": 3.0,
+             **({"test_mse": 0.1} if s % 20 == 0 else {})} for s in range(10, 70, 10)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    interpolate.main(["--movie", str(tmp_path)])  # no grids yet: the curves alone
+    assert capsys.readouterr().out.split() == [str(tmp_path / "curves.png")]
+    # panels: loss (loss_D, loss_G), D (D_x, D_G_z1), test (test_mse); speed left out; 5 x 4 inches each at 100 dpi
+    assert Image.open(tmp_path / "curves.png").size == (3 * 500, 400)
 
 
 def test_gif_frames_are_the_columns_of_the_grid(ckpts, tmp_path, capsys):

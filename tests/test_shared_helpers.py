@@ -17,7 +17,7 @@ SCRIPTS = {"dcgan": dcgan, "wgan": wgan, "cgan": cgan, "srgan": srgan, "vae": va
 BANNER = "# Run plumbing, the same in every model script"
 PLUMBING = ["number", "parse_run_flags", "parse_config", "setup_distributed", "train_data", "cpu_computes_bfloat16",
             "time_trial", "choose_precision", "fixed_randn", "restore", "check_format", "check_finite", "save_checkpoint", "load_models",
-            "prepare_out_dir", "accumulate", "write_log_row", "plot_curves", "fail"]
+            "prepare_out_dir", "accumulate", "write_log_row", "fail"]
 USED_BY = {name: list(SCRIPTS) for name in ["load_images", "resize_uint8"]}
 USED_BY.update({name: ["dcgan", "wgan", "cgan"] for name in ["augment_color", "augment_translation", "augment_cutout",
                                                               "diff_augment", "augment_policy", "to_unit_range"]})

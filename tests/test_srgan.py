@@ -28,18 +28,14 @@ def config(**kw):
     return {**base, **kw}
 
 
-def run_main(*args, curves=False):
-    """Train in this process (no interpreter start-up): srgan.main with one thread, like run_script's OMP_NUM_THREADS=1,
-    and without drawing curves.png (a second or more per sample step here) unless `curves`."""
-    threads, plot_curves = torch.get_num_threads(), srgan.plot_curves
+def run_main(*args):
+    """Train in this process (no interpreter start-up): srgan.main with one thread, like run_script's OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    if not curves:
-        srgan.plot_curves = lambda *args: None
     try:
         srgan.main([str(a) for a in args])
     finally:
         torch.set_num_threads(threads)
-        srgan.plot_curves = plot_curves
 
 
 def main_error(capsys, *args):
@@ -94,17 +90,17 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def shared_run(tmp_path_factory, data_dir, *flags, curves=False):
+def shared_run(tmp_path_factory, data_dir, *flags):
     out = tmp_path_factory.mktemp("run") / "run"
-    run_main("--data_dir", data_dir, "--out_dir", out, *flags, curves=curves)
+    run_main("--data_dir", data_dir, "--out_dir", out, *flags)
     return out
 
 
 @pytest.fixture(scope="module")
 def outputs_run(tmp_path_factory, data_dir):
-    """6 steps: losses' rows every 2, grids, test rows and checkpoints every 3, curves.png drawn."""
+    """6 steps: losses' rows every 2, grids, test rows and checkpoints every 3."""
     return shared_run(tmp_path_factory, data_dir, "--max_iters", "6", "--log_interval", "2", "--sample_interval", "3",
-                      "--ckpt_interval", "3", *TINY, curves=True)
+                      "--ckpt_interval", "3", *TINY)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +305,7 @@ def test_degrade_is_downsample_then_bilinear_upsample():
 
 def test_training_writes_every_output(outputs_run):
     out = outputs_run
-    for name in ("ckpt.pt", "log.jsonl", "curves.png", "config.json", "progress_strip.png", "triplets.png",
+    for name in ("ckpt.pt", "log.jsonl", "config.json", "progress_strip.png", "triplets.png",
                  "samples/step_000003.png", "samples/step_000006.png"):
         assert (out / name).exists(), name
     every = read_log(out, None)
@@ -656,7 +652,7 @@ def test_shared_helpers_are_dcgans_verbatim():
     assert ours.count(banner) == 1 and ours.split(banner)[1] == theirs.split(banner)[1]
     for name in ("load_images", "resize_uint8", "real_images", "update_ema", "init_weights", "number", "parse_run_flags",
                  "parse_config", "setup_distributed", "train_data", "choose_precision", "restore", "check_finite",
-                 "save_checkpoint", "load_models", "prepare_out_dir", "accumulate", "write_log_row", "plot_curves"):
+                 "save_checkpoint", "load_models", "prepare_out_dir", "accumulate", "write_log_row"):
         assert inspect.getsource(getattr(srgan, name)) == inspect.getsource(getattr(dcgan, name)), name
 
 
@@ -744,7 +740,7 @@ def test_D_is_frozen_during_Gs_update(tiny_mnist, tmp_path, monkeypatch):
 def test_dtype_auto_takes_the_faster_of_a_timed_trial(data_dir, straight_run, tmp_path, monkeypatch, faster):
     trials = []
 
-    def fake_trial(step, device, dtype, repeats=3):
+    def fake_trial(step, device, dtype):
         step()  # the trial step runs (on copies of the networks)
         trials.append(dtype)
         return 1.0 if dtype == faster else 2.0

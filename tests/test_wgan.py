@@ -54,13 +54,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def no_curves(monkeypatch):
-    """In-process runs that do not look at curves.png skip drawing it: matplotlib takes seconds a run on a busy machine,
-    more than the training steps (the `trained` run and the fuzz test still draw it)."""
-    monkeypatch.setattr(wgan, "plot_curves", lambda log_path, out_dir, keys: None)
-
-
 # --- architecture --------------------------------------------------------------------------
 
 
@@ -367,7 +360,7 @@ def train(*argv):
     wgan.main([str(a) for a in argv])
 
 
-def test_clip_mode_critic_only_ever_sees_clipped_weights(tiny_mnist, tmp_path, monkeypatch, one_thread, no_curves):
+def test_clip_mode_critic_only_ever_sees_clipped_weights(tiny_mnist, tmp_path, monkeypatch, one_thread):
     clip, records = 0.01, []
     original = wgan.Critic.forward
 
@@ -394,7 +387,7 @@ def test_clip_mode_critic_only_ever_sees_clipped_weights(tiny_mnist, tmp_path, m
     assert all(r["gp"] == 0 for r in rows) and len(rows) == 3
 
 
-def test_one_generator_forward_per_critic_update(tiny_mnist, tmp_path, monkeypatch, one_thread, no_curves):
+def test_one_generator_forward_per_critic_update(tiny_mnist, tmp_path, monkeypatch, one_thread):
     calls = []
     original = wgan.Generator.forward
 
@@ -410,8 +403,7 @@ def test_one_generator_forward_per_critic_update(tiny_mnist, tmp_path, monkeypat
     assert training == [False, False, True] * 2
 
 
-def test_the_critic_sees_augmented_images_and_the_penalty_interpolates_them(tiny_mnist, tmp_path, monkeypatch, one_thread,
-                                                                            no_curves):
+def test_the_critic_sees_augmented_images_and_the_penalty_interpolates_them(tiny_mnist, tmp_path, monkeypatch, one_thread):
     augmented, penalised = [], []
     original_augment, original_penalty = wgan.diff_augment, wgan.gradient_penalty
 
@@ -471,7 +463,7 @@ def test_copied_alone_into_an_empty_folder_runs(trained):
 def test_training_writes_every_output(trained, monkeypatch):
     monkeypatch.chdir(trained)  # the run's relative --data_dir and --out_dir
     out = trained / "out" / "wgan"
-    for name in ("ckpt.pt", "log.jsonl", "curves.png", "config.json", "samples/step_000003.png", "samples/step_000006.png"):
+    for name in ("ckpt.pt", "log.jsonl", "config.json", "samples/step_000003.png", "samples/step_000006.png"):
         assert (out / name).exists(), name
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 4, 6]
@@ -522,7 +514,7 @@ def test_the_averaged_generator_is_saved_used_for_grids_and_loaded(trained, tmp_
     assert np.abs(saved - grid_of(plain.eval())).max() > 16
 
 
-def test_bfloat16_trains(tiny_mnist, tmp_path, one_thread, no_curves):
+def test_bfloat16_trains(tiny_mnist, tmp_path, one_thread):
     rows = {}
     for dtype in ("float32", "bfloat16"):
         train("--data_dir", tiny_mnist, "--out_dir", tmp_path / dtype, "--max_iters", 3, "--n_critic", 2, "--log_interval", 1,
@@ -539,7 +531,7 @@ def test_bfloat16_trains(tiny_mnist, tmp_path, one_thread, no_curves):
     assert all(v.dtype == torch.float32 for group in (ckpt["models"]["G"], ckpt["ema"]["G"]) for v in group.values() if v.is_floating_point())
 
 
-def test_sigkill_then_resume_gives_identical_losses_and_weights(tiny_mnist, tmp_path, one_thread, no_curves):
+def test_sigkill_then_resume_gives_identical_losses_and_weights(tiny_mnist, tmp_path, one_thread):
     common = ["--data_dir", str(tiny_mnist), "--log_interval", "1", "--ckpt_interval", "5", "--sample_interval", "1000",
               "--n_critic", "2", "--dtype", "float32", *TINY]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -572,7 +564,7 @@ def test_sigkill_then_resume_gives_identical_losses_and_weights(tiny_mnist, tmp_
             assert all(torch.equal(v, b[part][name][k]) for k, v in a[part][name].items()), (part, name)
 
 
-def test_resume_between_log_lines_gives_the_same_log(tiny_mnist, tmp_path, monkeypatch, one_thread, no_curves):
+def test_resume_between_log_lines_gives_the_same_log(tiny_mnist, tmp_path, monkeypatch, one_thread):
     common = ["--data_dir", tiny_mnist, "--max_iters", 8, "--log_interval", 4, "--ckpt_interval", 3, "--sample_interval", 1000,
               "--n_critic", 2, "--dtype", "float32", *TINY]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -597,8 +589,7 @@ def test_resume_between_log_lines_gives_the_same_log(tiny_mnist, tmp_path, monke
     assert losses(stopped) == losses(straight)  # step 4's line averages steps 1-3 of the first run and 4 of the second
 
 
-def test_resume_takes_typed_flags_even_at_their_default_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys, one_thread,
-                                                                               no_curves):
+def test_resume_takes_typed_flags_even_at_their_default_and_refuses_fixed_ones(tiny_mnist, tmp_path, capsys, one_thread):
     out = tmp_path / "o"
     common = ["--data_dir", tiny_mnist, "--out_dir", out, "--n_critic", 1, *TINY]
     train("--max_iters", 2, "--log_interval", 1, *common)
@@ -611,7 +602,7 @@ def test_resume_takes_typed_flags_even_at_their_default_and_refuses_fixed_ones(t
     assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["log_interval"] == 100
 
 
-def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, capsys, one_thread, no_curves):
+def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, capsys, one_thread):
     out = tmp_path / "o"
     common = ["--data_dir", tiny_mnist, "--out_dir", out, "--n_critic", 1, "--depth", 2, "--leaky_slope", 0.1, *TINY]
     for mode, norm in (("clip", nn.BatchNorm2d), ("gp", nn.GroupNorm)):  # the handout's batch norm, and layer norm with the penalty
@@ -716,7 +707,7 @@ def test_zero_or_negative_sizes_and_counts(tiny_mnist, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_unwritable_out_dir_and_checkpoint(tiny_mnist, tmp_path, capsys, one_thread, no_curves):
+def test_unwritable_out_dir_and_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert "cannot write to --out_dir" in main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", blocker / "o", *TINY)
@@ -732,7 +723,7 @@ def test_unwritable_out_dir_and_checkpoint(tiny_mnist, tmp_path, capsys, one_thr
     assert (out / "ckpt.pt").is_dir() and not (out / "ckpt.pt.tmp").exists()
 
 
-def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsys, one_thread, no_curves):
+def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsys, one_thread):
     out = tmp_path / "o"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint at all")
@@ -755,7 +746,7 @@ def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsy
         wgan.load_models({**ckpt, "format": 1}, "cpu")
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys, one_thread, no_curves):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
     out = tmp_path / "o"
     common = ["--data_dir", tiny_mnist, "--out_dir", out, "--ckpt_interval", "2", "--log_interval", "2", "--n_critic", "2", *TINY]
     wgan.main([str(a) for a in ["--max_iters", "2", *common]])
@@ -765,7 +756,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, cap
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-def test_non_finite_weights_never_reach_a_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys, one_thread, no_curves):
+def test_non_finite_weights_never_reach_a_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys, one_thread):
     # step 3's losses come before its updates; G's update then leaves NaN weights, which only the weights' check sees
     out = tmp_path / "o"
     common = ["--data_dir", tiny_mnist, "--out_dir", out, "--ckpt_interval", 1, "--log_interval", 100, "--n_critic", 1, *TINY]
@@ -822,7 +813,7 @@ def poison_ema_batchnorm_statistics(monkeypatch):
 @pytest.mark.parametrize("poison,mode", [(poison_d_batchnorm, "clip"), (poison_ema_weights, "gp"),
                                          (poison_ema_batchnorm_statistics, "gp")])
 def test_non_finite_values_anywhere_in_a_checkpoint_stop_the_run(poison, mode, tiny_mnist, tmp_path, monkeypatch, capsys,
-                                                                 one_thread, no_curves):
+                                                                 one_thread):
     out = tmp_path / "o"
     common = ["--data_dir", tiny_mnist, "--out_dir", out, "--mode", mode, "--n_critic", 1, "--dtype", "float32", *TINY]
     train("--max_iters", 1, *common)  # a good checkpoint first, then the poisoned run resumes from it
@@ -838,8 +829,7 @@ def test_non_finite_values_anywhere_in_a_checkpoint_stop_the_run(poison, mode, t
 
 
 @pytest.mark.parametrize("mode", ["gp", "clip"])
-def test_the_critic_is_frozen_during_the_generator_update(mode, tiny_mnist, tmp_path, monkeypatch, one_thread,
-                                                          no_curves):
+def test_the_critic_is_frozen_during_the_generator_update(mode, tiny_mnist, tmp_path, monkeypatch, one_thread):
     built, steps = {}, []
     original = wgan.build_models
     monkeypatch.setattr(wgan, "build_models", lambda config: built.update(original(config)) or built)
@@ -864,11 +854,10 @@ def test_the_critic_is_frozen_during_the_generator_update(mode, tiny_mnist, tmp_
 
 
 @pytest.mark.parametrize("slower,chosen", [("bfloat16", "float32"), ("float32", "bfloat16")])
-def test_dtype_auto_on_a_cpu_times_a_trial_step(slower, chosen, tiny_mnist, tmp_path, monkeypatch, one_thread,
-                                                no_curves):
+def test_dtype_auto_on_a_cpu_times_a_trial_step(slower, chosen, tiny_mnist, tmp_path, monkeypatch, one_thread):
     trials = []
 
-    def time_trial(step, device, dtype, repeats=3):
+    def time_trial(step, device, dtype):
         rng = torch.get_rng_state()
         step()  # a forward and backward of copies of the networks, on fixed inputs
         assert torch.equal(torch.get_rng_state(), rng)  # the training stream untouched
