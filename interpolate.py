@@ -65,12 +65,9 @@ def lerp(z0, z1, t):
     return (1 - t) * z0 + t * z1
 
 def slerp(z0, z1, t, eps=1e-6):
-    """Spherical interpolation: the direction turns along the great circle from z0 to z1 at constant angular
-    speed, the norm goes linearly from |z0| to |z1|. Between two points of one sphere this is the usual
-    slerp (White 2016) and stays on the sphere. t outside [0, 1] continues around the circle (the norm is
-    clamped at 0). Where the angle is ~0 or ~180 degrees (or a norm is 0) the great circle is undefined or
-    not unique, and lerp is used instead.
-    """
+    """Spherical interpolation (White 2016): the direction turns along the great circle from z0 to z1 at constant
+    angular speed, the norm goes linearly from |z0| to |z1| (clamped at 0 beyond the ends). Where the angle is ~0 or
+    ~180 degrees, or a norm is 0, the circle is undefined or not unique: lerp instead."""
     n0, n1 = z0.norm(dim=-1, keepdim=True), z1.norm(dim=-1, keepdim=True)
     omega = torch.acos(((z0 * z1).sum(-1, keepdim=True) / (n0 * n1)).clamp(-1, 1))
     sin = torch.sin(omega)
@@ -81,9 +78,8 @@ def slerp(z0, z1, t, eps=1e-6):
     return torch.where(sin > eps, c0 * z0 + c1 * z1, lerp(z0, z1, t))
 
 def interpolation_coefficients(steps, extrapolate=0):
-    """t_i = i / (steps - 1) for i = -extrapolate .. steps - 1 + extrapolate: steps points from 0 to 1
-    (the MNIST homework's z1 + i/K (z2 - z1) with K = steps - 1), plus `extrapolate` points of the same spacing
-    beyond each end."""
+    """t_i = i / (steps - 1) for i = -extrapolate .. steps - 1 + extrapolate: steps points from 0 to 1, plus
+    `extrapolate` points of the same spacing beyond each end."""
     if steps < 2:
         raise ValueError(f"--steps {steps}: need at least 2 points to interpolate")
     return [i / (steps - 1) for i in range(-extrapolate, steps + extrapolate)]
@@ -122,11 +118,8 @@ def check_cells(rows, cols):
                          f"{MIN_CELL}x{MIN_CELL}); lower --pairs, --steps, --extrapolate or --n_noise")
 
 def generate_grid(module, models, z, labels=None):
-    """z: (R, Cols, D), labels (R, Cols) or None -> images (R, Cols, C, H, W).
-
-    One generate call per column: the t = 0 column of a pairs grid is then exactly generate(z0) (on CPU,
-    convolutions may round differently for other batch sizes, so one big batch would not be bit-identical).
-    """
+    """z: (R, Cols, D), labels (R, Cols) or None -> images (R, Cols, C, H, W). One generate call per column, so the
+    t = 0 column is exactly generate(z0): CPU convolutions may round differently for other batch sizes."""
     columns = [module.generate(models, z[:, j], None if labels is None else labels[:, j]) for j in range(z.shape[1])]
     return torch.stack(columns, 1)
 
@@ -197,8 +190,7 @@ def traverse_grid(module, models, config, args, g):
             "cols": [f"{v:+.2f}" for v in values.tolist()], "title": title, "latents": z}
 
 def pixel_grid(module, models, config, args, g):
-    """The 2018 image-generation assignment, 5c: x0 = G(z0) and x1 = G(z1), then G(z(t)) above (1 - t) x0 + t x1.
-    Both rows start on the same image and end on the same image; they differ in between."""
+    """x0 = G(z0) and x1 = G(z1), then G(z(t)) above (1 - t) x0 + t x1: both rows start on x0 and end on x1."""
     z, ts, labels, names = latent_paths(module, models, config, args, g)
     latent = generate_grid(module, models, z, labels)
     first, last = args.extrapolate, args.extrapolate + args.steps - 1  # the columns of t = 0 and t = 1
@@ -445,11 +437,10 @@ def training_movie(run, out_dir, ms=200):
 
 def training_curves(run, out_dir):
     """curves.png: each number of RUN/log.jsonl against the step, the speed left out, one panel per name prefix."""
-    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] if os.path.isfile(
-        os.path.join(run, "log.jsonl")) else []
-    panels = {}
-    for key in dict.fromkeys(k for row in rows for k in row if k not in ("step", "ms_per_step", "images_per_s",
-                                                                          "peak_mem_mb")):
+    log = os.path.join(run, "log.jsonl")
+    rows = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+    panels, speed = {}, ("step", "ms_per_step", "images_per_s", "peak_mem_mb")
+    for key in dict.fromkeys(k for row in rows for k in row if k not in speed):
         panels.setdefault(key.split("_")[0], []).append(key)
     if not panels:
         return None
