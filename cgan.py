@@ -1,12 +1,11 @@
-"""Conditional GANs on dcgan.py's networks. ACGAN (Odena, Olah, Shlens, ICML 2017): G gets a class, a second head
-on D classifies. InfoGAN (Chen, Duan, Houthooft, Schulman, Sutskever, Abbeel, NeurIPS 2016): G gets latent codes, a
-Q head on D recovers them. Which course uses which configuration: docs/handouts.md.
+"""Conditional GANs on dcgan.py's networks. ACGAN (Odena et al. 2017): G gets a class, a second head on D classifies.
+InfoGAN (Chen et al. 2016): G gets latent codes, a Q head on D recovers them.
 
-    python cgan.py                                    # ACGAN on the embedded MNIST sample: one class per digit
-    python cgan.py --model infogan                    # InfoGAN: 62 noise + one 10-way code + 2 continuous codes
-    torchrun --nproc_per_node=2 cgan.py               # DistributedDataParallel
+    python cgan.py                          # ACGAN on the MNIST sample: one class per digit
+    python cgan.py --model infogan          # InfoGAN: 62 noise + one 10-way code + 2 continuous codes
+    torchrun --nproc_per_node=2 cgan.py     # DistributedDataParallel
 
-Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, log.jsonl, curves.png, config.json.
+--out_dir gets ckpt.pt, samples/step_*.png, log.jsonl, curves.png, config.json.
 """
 import argparse
 import copy
@@ -61,9 +60,8 @@ def resize_uint8(images, size, chunk=1024):
     return out
 
 def class_labels(config, labels):
-    """-> (the class id of each image, the class names). Labels (N,) are their own classes, -1 an unlabelled image
-    (STL-10's unlabeled split), which trains D's source head only. Attributes (N x 40 in {0, 1}, named in
-    data/<dataset>/attr_names.json) give the two classes "not <attr>" and "<attr>" of the column --attr picks."""
+    """-> (each image's class id, the class names). Labels (N,) are the classes, -1 an unlabelled image (trains D's
+    source head only); attributes (N x 40 in {0, 1}, named in attr_names.json) give "not <attr>" and "<attr>"."""
     data_dir, dataset, attr = config["data_dir"], config["dataset"], config["attr"]
     if labels is None or labels.ndim == 1 and not (labels >= 0).any():
         raise ValueError(f"'{dataset}' has no labelled image; ACGAN needs labels (InfoGAN does not: --model infogan)")
@@ -89,9 +87,7 @@ def class_labels(config, labels):
 def real_images(config, split):
     """The checkpoint's data; for ACGAN the labels are the classes it was conditioned on (the --attr column)."""
     images, labels = load_images(config["data_dir"], config["dataset"], split, config["img_size"])
-    if config["n_classes"]:
-        labels = class_labels(config, labels)[0]
-    return images, labels
+    return images, class_labels(config, labels)[0] if config["n_classes"] else labels
 
 def to_unit_range(images_uint8):
     """uint8 [0, 255] -> float [-1, 1], the range of the generator's tanh."""
@@ -102,7 +98,7 @@ def to_unit_range(images_uint8):
 # InfoGAN's z: noise (nz) ++ cat_codes one-hot blocks of cat_dim ++ cont_codes values in U(-1, 1).
 def latent_layout(config):
     """The slices of z: [{"name", "kind": "noise" | "categorical" | "continuous", "start", "size"}]."""
-    info = config["model"] == "infogan"  # ACGAN: noise only
+    info = config["model"] == "infogan"
     parts = [("noise", "noise", config["nz"])]
     parts += [(f"cat{i}", "categorical", config["cat_dim"]) for i in range(info * config["cat_codes"])]
     parts += [(f"cont{i}", "continuous", 1) for i in range(info * config["cont_codes"])]
@@ -115,7 +111,6 @@ def split_codes(z, config):
     return z[:, :nz], z[:, nz:nz + k * d].reshape(len(z), k, d).argmax(-1), z[:, nz + k * d:]
 
 def sample_latent(config, n, device, generator=None):
-    """ACGAN: N(0, I) noise. InfoGAN: noise ++ uniformly drawn one-hot codes ++ U(-1, 1) codes."""
     z = torch.randn(n, config["nz"], device=device, generator=generator)
     if config["model"] != "infogan":
         return z
@@ -124,18 +119,16 @@ def sample_latent(config, n, device, generator=None):
     return torch.cat([z, F.one_hot(cat, config["cat_dim"]).float().flatten(1), cont], 1)
 
 def sample_labels(config, n, device, generator=None):
-    """ACGAN: the classes G is asked for, uniform as in training. InfoGAN has none: None."""
+    """ACGAN: uniformly drawn classes for G. InfoGAN: None."""
     n_classes = config["n_classes"]
     return torch.randint(0, n_classes, (n,), device=device, generator=generator) if n_classes else None
 
 def g_input(z, labels, n_classes):
-    """G's one input: z, then the class as a one-hot vector (ACGAN)."""
     return torch.cat([z, F.one_hot(labels, n_classes).to(z.dtype)], 1) if n_classes else z
 
 class Generator(nn.Sequential):
-    """G's input (in_dim) -> image (channels x img_size x img_size) in [-1, 1]: dcgan.py's generator.
-    img_size 32: in -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
-    img_size 64: in -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64"""
+    """G's input (in_dim) -> image in [-1, 1], dcgan.py's generator: in -> (ngf * img_size / 8) x 4 x 4, each layer
+    then doubling the size and halving the width, to ngf x img_size/2 squared and C x img_size x img_size."""
 
     def __init__(self, in_dim, n_classes, ngf, channels, img_size):
         width = ngf * img_size // 8
@@ -149,12 +142,10 @@ class Generator(nn.Sequential):
         self.n_classes = n_classes  # the one-hot class at the end of the input (0: none)
 
 class Discriminator(nn.Module):
-    """image -> (source logit, auxiliary output), two heads on dcgan.py's discriminator body:
-    img_size 32: C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4, then a 4x4 conv to 1 logit.
-    ACGAN's head: a 4x4 conv to the class logits. InfoGAN's Q: a 4x4 conv to 128, BN, LeakyReLU, then a 1x1 conv to
-    the categorical logits (cat_codes x cat_dim) ++ the means of the continuous codes."""
+    """image -> (source logit, class logits (ACGAN) or Q's code logits ++ continuous means (InfoGAN)): two heads on
+    dcgan.py's discriminator body (C x img_size x img_size -> ndf x img_size/2 squared -> ... -> width x 4 x 4)."""
 
-    def __init__(self, ndf, channels, img_size, aux_dim, infogan, slope=0.2):
+    def __init__(self, ndf, channels, img_size, aux_dim, infogan, slope):
         super().__init__()
         layers, width = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)], ndf
         for _ in range(int(math.log2(img_size)) - 3):
@@ -185,14 +176,12 @@ def build_models(config):
     return {"G": G.apply(init_weights), "D": D.apply(init_weights)}
 
 def build_optimizers(G, D, config):
-    """Adam for G and D. With --three_optimizers D's holds only its body and source head, and a third, Q, holds G and
-    the Q head: the information term is minimised by that optimizer alone, so it never trains D's body."""
-    def adam(*modules):
-        params = [p for module in modules for p in module.parameters()]
-        return torch.optim.Adam(params, config["lr"], (config["beta1"], config["beta2"]))
-    if not config["three_optimizers"]:
-        return {"G": adam(G), "D": adam(D)}
-    return {"G": adam(G), "D": adam(D.body, D.source), "Q": adam(G, D.aux)}
+    """Adam for G and D. --three_optimizers: D's holds only its body and source head, and a third, Q, holds G and the
+    Q head, the only one to minimise the information term, which so never trains D's body."""
+    parts = {"G": [G], "D": [D.body, D.source], "Q": [G, D.aux]} if config["three_optimizers"] else {"G": [G], "D": [D]}
+    betas = (config["beta1"], config["beta2"])
+    return {name: torch.optim.Adam([p for m in modules for p in m.parameters()], config["lr"], betas)
+            for name, modules in parts.items()}
 
 @torch.no_grad()
 def generate(models, z, labels=None):
@@ -213,27 +202,23 @@ def gan_generator_loss(fake_logits):
     return F.softplus(-fake_logits).mean()
 
 def labelled_cross_entropy(class_logits, labels):
-    """Cross-entropy averaged over the labelled images: label -1 (unlabelled) adds nothing, and a batch without
-    labelled images gives 0 rather than the 0 / 0 of F.cross_entropy's mean."""
+    """Cross-entropy over the labelled images (label -1 adds nothing); 0, not 0 / 0, for a batch without any."""
     labelled = (labels >= 0).sum().clamp(min=1)
     return F.cross_entropy(class_logits, labels, ignore_index=-1, reduction="sum") / labelled
 
 def acgan_discriminator_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, real_labels, fake_labels):
-    """D maximises L_S + L_C (Odena et al. eq. 2-3): the right source, and the right class of real and fake images.
-    Unlabelled real images (label -1) count in L_S only; every fake has the class G was given. For a binary
-    attribute the two-way softmax equals the sigmoid cross-entropy on one logit."""
+    """D maximises L_S + L_C (Odena et al. eq. 2-3): the right source, and the right class of real (where labelled)
+    and fake images. For a binary attribute the two-way softmax is the sigmoid cross-entropy on one logit."""
     return (gan_discriminator_loss(real_logits, fake_logits) + labelled_cross_entropy(real_class_logits, real_labels)
             + F.cross_entropy(fake_class_logits, fake_labels))
 
 def acgan_generator_loss(fake_logits, fake_class_logits, fake_labels):
-    """G maximises L_C - L_S: its fakes classified as the class it asked for, and taken for real (non-saturating)."""
+    """G maximises L_C - L_S (non-saturating): its fakes taken for real, of the class it asked for."""
     return gan_generator_loss(fake_logits) + F.cross_entropy(fake_class_logits, fake_labels)
 
 def info_loss(q_out, z, config):
-    """-L_I + H(c): the negative variational lower bound on I(c; G(z, c)) without the constant entropy of c.
-    Categorical codes: cross-entropy of Q's logits with the code G was given (weight lambda_cat). Continuous codes:
-    a Gaussian of unit variance, 0.5 (c - mu)^2 up to a constant (weight lambda_cont). Summed over codes. As in Chen
-    et al.'s code it is added to D's loss (training Q and the shared body) and G's, unless --three_optimizers."""
+    """-L_I + H(c), the negative lower bound on I(c; G(z, c)) less c's constant entropy, summed over codes: the
+    cross-entropy of the categorical ones (x lambda_cat), 0.5 (c - mu)^2 of the continuous ones (x lambda_cont)."""
     _, cat, cont = split_codes(z, config)
     k, d = config["cat_codes"], config["cat_dim"]
     loss = config["lambda_cont"] * 0.5 * (cont - q_out[:, k * d:]).pow(2).sum(1).mean()  # 0 without continuous codes
@@ -242,12 +227,11 @@ def info_loss(q_out, z, config):
     return loss
 
 def unused(*outputs):
-    """0, as a function of network outputs that a loss leaves out. DistributedDataParallel waits for a gradient
-    of every parameter of the forward pass, so each head gets one (zero) in every backward pass."""
+    """0 from outputs a loss leaves out: DDP waits for a gradient (here zero) of every parameter used forward."""
     return sum(output.sum() * 0 for output in outputs)
 
 def class_accuracy(class_logits, labels):
-    """How often the class head names the right class, over the labelled images (0 when a batch has none)."""
+    """How often the class head is right, over the labelled images (0 when a batch has none)."""
     labelled = labels >= 0
     return ((class_logits.argmax(1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
 
@@ -315,8 +299,7 @@ def update_ema(ema_model, model, decay):
 def get_args(argv=None, defaults=None):
     p = argparse.ArgumentParser(description="Train a conditional GAN: ACGAN or InfoGAN.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--model", default="acgan", choices=["acgan", "infogan"],
-                   help="ACGAN (class-conditional, auxiliary classifier) or InfoGAN (latent codes, Q head)")
+    p.add_argument("--model", default="acgan", choices=["acgan", "infogan"], help="class labels or latent codes")
     p.add_argument("--img_size", type=int, default=32, choices=[32, 64], help="32 or 64 (4 or 5 layers)")
     p.add_argument("--attr", help="ACGAN on attribute data (celeba): the binary attribute to condition on (Smiling)")
     p.add_argument("--nz", type=number(int, 1, 4096), help="noise size; unset: 100 (acgan), 62 (infogan, Chen et al.)")
@@ -324,18 +307,16 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--cat_dim", type=number(int, 1, 1000), default=10, help="InfoGAN: categories per categorical code")
     p.add_argument("--cont_codes", type=number(int, 0, 100), default=2, help="InfoGAN: continuous codes, each U(-1, 1)")
     p.add_argument("--lambda_cat", type=number(float, 0), default=1.0, help="InfoGAN: weight of the categorical term")
-    p.add_argument("--lambda_cont", type=number(float, 0), default=1.0, help="InfoGAN: weight of the continuous "
-                   "term (Chen et al. advise a smaller one, e.g. 0.1, on some datasets)")
-    p.add_argument("--three_optimizers", action="store_true", help="InfoGAN: the information term trained by a third "
-                   "optimizer, over G and the Q head (not D's body); default: in D's and G's losses, as in the paper")
+    p.add_argument("--lambda_cont", type=number(float, 0), default=1.0, help="InfoGAN: weight of the continuous term")
+    p.add_argument("--three_optimizers", action="store_true", help="InfoGAN: a third optimizer for info loss")
     p.add_argument("--ngf", type=number(int, 1, 4096), default=32, help="G's width before its output layer")
     p.add_argument("--ndf", type=number(int, 1, 4096), default=32, help="discriminator width of its first layer")
     p.add_argument("--leaky_slope", type=FRACTION, default=0.2, help="negative slope of D's LeakyReLUs (Q head too)")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-4, help="Adam learning rate")
     p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
-    p.add_argument("--augment", type=augment_policy, default="translation,cutout", help="differentiable augmentation "
-                   "of what D sees (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
+    p.add_argument("--augment", type=augment_policy, default="translation,cutout",
+                   help="DiffAugment of what D sees: none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=8000)
     if args.nz is None:
@@ -405,8 +386,7 @@ def main(argv=None):
         loss_D.backward()
         optimizers["D"].step()
 
-        # (2) Update G: the updated D should call its fakes real and see their class or codes; D is frozen, the
-        # gradient only passes through it
+        # (2) Update G: the updated, frozen D should call its fakes real and see their class or codes
         D.requires_grad_(False)
         with autocast:
             fake_logits_G, fake_aux_G = (out.float() for out in D_judge(diff_augment(fake, policy)))
@@ -419,8 +399,7 @@ def main(argv=None):
         loss_G.backward()
         optimizers["G"].step()
         D.requires_grad_(True)
-        # (3) --three_optimizers: a third update, of G and the Q head, on the information term alone; D's body passes
-        # the gradient on but is not stepped. G has just moved, so it draws its fakes again (InfoGAN: no class input).
+        # (3) --three_optimizers: G and the Q head on the information term alone, from fakes of the moved G
         if three:
             with autocast:
                 fake_logits_Q, fake_aux_G = (out.float() for out in D_train(diff_augment(G_train(z), policy)))

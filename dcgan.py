@@ -1,14 +1,13 @@
 """DCGAN: deep convolutional generative adversarial networks in one file.
 
 Radford, Metz, Chintala, "Unsupervised Representation Learning with Deep Convolutional Generative Adversarial
-Networks", ICLR 2016. G turns noise into an image through transposed convolutions; D mirrors it and outputs one
-logit. Which course uses which configuration: docs/handouts.md.
+Networks", ICLR 2016. G turns noise into an image through transposed convolutions; D mirrors it and outputs one logit.
 
     python dcgan.py                                   # embedded MNIST sample, 32x32
     python dcgan.py --dataset stl10 --img_size 64 --ngf 128 --ndf 128
     torchrun --nproc_per_node=2 dcgan.py              # DistributedDataParallel
 
-Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, log.jsonl, curves.png, config.json.
+Everything the run makes goes to --out_dir: ckpt.pt, samples/step_*.png, log.jsonl, config.json.
 """
 import argparse
 import copy
@@ -78,44 +77,34 @@ def upsample_block(in_ch, out_ch, mode):
     return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
 
 class Generator(nn.Sequential):
-    """z (nz) -> image (channels x img_size x img_size) in [-1, 1]: depth blocks of (transposed) conv, batch norm
-    and ReLU, then a conv to the image and a tanh. The first block makes a start x start map, start =
-    img_size / 2^depth; each later one doubles the size and halves the width. The default depth gives the DCGAN tables:
-    img_size 32: nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32
-    img_size 64: nz -> (ngf*8) x 4 x 4 -> ... -> ngf x 32 x 32 -> C x 64 x 64"""
+    """z (nz) -> image in [-1, 1]: a start x start map, start = img_size / 2^depth, then blocks of (transposed) conv,
+    batch norm and ReLU doubling the size and halving the width. The default depth gives the DCGAN tables:
+    img_size 32: nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32"""
     def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose", depth=None):
         depth = depth or int(math.log2(img_size)) - 2
         start, width = img_size // 2 ** depth, ngf * 2 ** (depth - 1)
         layers = [nn.ConvTranspose2d(nz, width, start, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
-        for _ in range(depth - 1):  # (ngf * 2^(depth-1)) x start x start -> ... -> ngf x (img_size/2) x (img_size/2)
+        for _ in range(depth - 1):
             layers += [upsample_block(width, width // 2, upsample), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
             width //= 2
         super().__init__(nn.Unflatten(1, (nz, 1, 1)), *layers, upsample_block(width, channels, upsample), nn.Tanh())
 
-def strided_convs(channels, ndf, n_layers, slope):
-    """D's body: 4x4 stride-2 conv + LeakyReLU (no batch norm on the input), then n_layers - 1 blocks of
-    conv + batch norm + LeakyReLU, each halving the size and doubling the width. -> (layers, last width)"""
-    layers, width = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)], ndf
-    for _ in range(n_layers - 1):
-        layers += [nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.LeakyReLU(slope)]
-        width *= 2
-    return layers, width
-
 class Discriminator(nn.Sequential):
-    """image -> one logit, G mirrored; the handouts' final sigmoid lives in the loss (BCE with logits).
-    img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> (ndf*2) x 16 x 16 -> (ndf*4) x 8 x 8 -> (ndf*8) x 4 x 4 -> 1"""
-    def __init__(self, ndf, channels, img_size, slope=0.2):
-        layers, width = strided_convs(channels, ndf, int(math.log2(img_size)) - 2, slope)
-        super().__init__(*layers, nn.Conv2d(width, 1, 4, 1, 0, bias=False), nn.Flatten(0))
-
-class DepthDiscriminator(nn.Sequential):
-    """image -> one logit, of depth 1 to 5: depth strided convs, a conv taking the start x start map to 1 x 1 with
-    a LeakyReLU, then a linear layer. img_size 32, depth 3:
-    C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1"""
-    def __init__(self, ndf, channels, img_size, depth, slope=0.2):
-        layers, width = strided_convs(channels, ndf, depth, slope)
-        super().__init__(*layers, nn.Conv2d(width, width, img_size // 2 ** depth, 1, 0, bias=False),
-                         nn.LeakyReLU(slope, True), nn.Flatten(), nn.Linear(width, 1), nn.Flatten(0))
+    """image -> one logit (the sigmoid is in the loss), G mirrored: strided 4x4 convs double the width, then without a
+    depth a 4x4 conv to the logit (the DCGAN tables), with one a conv to 1 x 1 and a linear layer. img_size 32:
+    C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> 1"""
+    def __init__(self, ndf, channels, img_size, depth=None, slope=0.2):
+        n_strided = depth or int(math.log2(img_size)) - 2
+        layers, width = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)], ndf
+        for _ in range(n_strided - 1):
+            layers += [nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.LeakyReLU(slope)]
+            width *= 2
+        if depth:
+            layers += [nn.Conv2d(width, width, img_size // 2 ** depth, 1, 0, bias=False), nn.LeakyReLU(slope, True),
+                       nn.Flatten(), nn.Linear(width, 1)]
+        else:
+            layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
+        super().__init__(*layers, nn.Flatten(0))
 
 class MLPGenerator(nn.Sequential):
     """The fully connected baseline: nz -> 4ngf -> 8ngf -> 16ngf -> C*H*W."""
@@ -146,7 +135,7 @@ def build_models(config):
         G, D = MLPGenerator(config["nz"], config["ngf"], c, s), MLPDiscriminator(ndf, c, s, slope)
     else:
         G = Generator(config["nz"], config["ngf"], c, s, config["upsample"], depth)
-        D = DepthDiscriminator(ndf, c, s, depth, slope) if depth else Discriminator(ndf, c, s, slope)
+        D = Discriminator(ndf, c, s, depth, slope)
     return {"G": G.apply(init_weights), "D": D.apply(init_weights)}
 
 def sample_latent(config, n, device, generator=None):
@@ -236,27 +225,24 @@ def update_ema(ema_model, model, decay):
 def get_args(argv=None, defaults=None):
     p = argparse.ArgumentParser(description="Train a DCGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--img_size", type=number(int, 1, 1024), default=32,
-                   help="32 or 64 (4 or 5 layers); with --depth a multiple of 2^depth; any size for --arch mlp")
+    p.add_argument("--img_size", type=number(int, 1, 1024), default=32, help="32 or 64; see --depth, --arch")
     p.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="conv DCGAN or fully connected baseline")
     p.add_argument("--depth", type=int, choices=range(1, 6), metavar="{1,...,5}",
-                   help="G of depth (transposed conv, BN, ReLU) blocks and the DepthDiscriminator; unset: DCGAN tables")
+                   help="conv blocks of G and D, with --img_size a multiple of 2^depth; unset: the DCGAN tables")
     p.add_argument("--nz", type=number(int, 1, 4096), default=100, help="latent size")
     p.add_argument("--ngf", type=number(int, 1, 4096), default=32, help="G's width before its output layer")
-    p.add_argument("--ndf", type=number(int, 1, 4096), default=32, help="discriminator width of its first layer")
+    p.add_argument("--ndf", type=number(int, 1, 4096), default=32, help="D's width after its input layer")
     p.add_argument("--leaky_slope", type=FRACTION, default=0.2, help="negative slope of D's LeakyReLUs")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
-                   help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
+                   help="how G doubles the size: transposed conv, or resize then 3x3 conv")
     p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan", "sigmoid_mse"],
-                   help="non-saturating (log-D trick), minimax (Goodfellow et al. 2014), least squares on D's score "
-                        "(Mao et al. 2017), or least squares on D's sigmoid output with D's loss halved")
+                   help="log-D trick, log(1 - D), least squares on D's score, or on D's sigmoid with D's loss halved")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-4, help="Adam learning rate")
     p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
     p.add_argument("--d_steps", type=number(int, 1, 100), default=1, help="D updates per iteration")
     p.add_argument("--g_steps", type=number(int, 1, 100), default=1, help="G updates per iteration")
-    p.add_argument("--augment", type=augment_policy, default="translation,cutout",
-                   help="DiffAugment of what D sees, real and fake: none or a comma list of color, translation, cutout")
+    p.add_argument("--augment", type=augment_policy, default="translation,cutout", help="DiffAugment of D's inputs")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=10000)
     if args.depth and args.arch == "mlp":

@@ -1,15 +1,14 @@
 """SRGAN: 16x16 -> 64x64 super-resolution with a U-Net generator and a GAN loss, in one file.
 
-A 64x64 image is downsampled to 16x16 and upsampled back bilinearly; a U-Net (Ronneberger et al., MICCAI 2015, as the
-pix2pix generator of Isola et al., CVPR 2017) restores the detail, trained with a pixel loss plus a GAN loss as in Ledig
-et al., "Photo-Realistic Single Image Super-Resolution Using a Generative Adversarial Network", CVPR 2017. GAN losses:
-BCE, least squares, hinge, WGAN-GP; --sn: spectral norm. Notes: docs/srgan.md; course configurations: docs/handouts.md.
+A 64x64 image is downsampled to 16x16 and upsampled back bilinearly; a U-Net (Ronneberger et al., MICCAI 2015)
+restores the detail, trained with a pixel loss plus a GAN loss (BCE, least squares, hinge or WGAN-GP) as in Ledig et
+al., "Photo-Realistic Single Image Super-Resolution Using a Generative Adversarial Network", CVPR 2017. docs/srgan.md.
 
     python srgan.py                                   # embedded MNIST sample, upscaled to 64x64
     python srgan.py --gan_loss wgan-gp --recon mse
     torchrun --nproc_per_node=2 srgan.py              # DistributedDataParallel
 
-Outputs in --out_dir: ckpt.pt, samples/step_*.png, progress_strip.png, triplets.png, log.jsonl, curves.png, config.json.
+Outputs in --out_dir: ckpt.pt, samples/step_*.png, progress_strip.png, triplets.png, log.jsonl, config.json.
 """
 import argparse
 import copy
@@ -67,8 +66,7 @@ def real_images(config, split):
     return load_images(config["data_dir"], config["dataset"], split, config["img_size"])
 
 def degrade(x, config):
-    """The low-resolution input: x in [0, 1] (N x C x 64 x 64) -> low_size^2 -> bilinear back to 64x64, in [0, 1].
-    --down: bilinear and bicubic are antialiased (as PIL's resize), area averages blocks, nearest aliases."""
+    """x in [0, 1] (N x C x 64 x 64) -> low_size^2 by --down (bilinear and bicubic antialiased) -> bilinear to 64^2."""
     down = config["down"]
     low = F.interpolate(x, size=config["low_size"], mode=down, antialias=down in ("bilinear", "bicubic"))
     return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
@@ -81,11 +79,9 @@ def block(in_ch, out_ch, up=False, norm=True):
     return nn.Sequential(conv, *([nn.BatchNorm2d(out_ch)] if norm else []), nn.LeakyReLU(0.2, True))
 
 class UNetGenerator(nn.Module):
-    """Low-resolution image (C x 64 x 64, [-1, 1]) -> restored image. Five encoder layers take 64 -> 2 pixels
-    (ngf .. 16 ngf), five decoder layers take 2 -> 64 (8 ngf .. ngf/2), each after the first fed the previous output
-    beside the encoder feature of its size; a 3x3 conv over [last decoder output, input image] gives the image (tanh),
-    or with residual a correction added to the input. The layer table, and the departures from the handout's:
-    docs/srgan.md."""
+    """Bilinear input (C x 64 x 64, [-1, 1]) -> restored image. Five encoder layers take 64 -> 2 pixels (ngf .. 16 ngf),
+    five decoder layers 2 -> 64 (8 ngf .. ngf/2), each output set beside the encoder feature of its size (the last:
+    the input); a 3x3 conv over that gives the image (tanh), or with residual a correction added to the input."""
 
     def __init__(self, channels, ngf=32, residual=False):
         super().__init__()
@@ -100,16 +96,15 @@ class UNetGenerator(nn.Module):
         skips = [x]
         for layer in self.encoder:
             skips.append(layer(skips[-1]))
-        h = self.decoder[0](skips.pop())  # (16 ngf) x 2 x 2 -> (8 ngf) x 4 x 4
-        for layer in self.decoder[1:]:
-            h = layer(torch.cat([h, skips.pop()], 1))
-        out = self.out(torch.cat([h, skips.pop()], 1))  # [(ngf/2) x 64 x 64, the input image]
-        return (x + out).clamp(-1, 1) if self.residual else out  # --residual: the input plus a correction
+        h = skips.pop()  # (16 ngf) x 2 x 2
+        for layer in self.decoder:
+            h = torch.cat([layer(h), skips.pop()], 1)
+        out = self.out(h)
+        return (x + out).clamp(-1, 1) if self.residual else out
 
 class Discriminator(nn.Sequential):
-    """Image (C x 64 x 64) -> one logit: five 4x4 stride-2 convs take 64 -> 2 (ndf .. 16 ndf, [batch norm]), then a
-    3x3 stride-2 conv gives 1 x 1; the handout's sigmoid lives in the loss. No batch norm with --sn (SN-GAN has none)
-    or wgan-gp, whose per-sample gradient penalty batch norm would mix across the batch (Gulrajani et al. §4)."""
+    """Image (C x 64 x 64) -> one logit: five 4x4 stride-2 convs take 64 -> 2 (ndf .. 16 ndf, [batch norm]), a 3x3
+    stride-2 conv 2 -> 1. No batch norm with --sn, or with wgan-gp's per-sample penalty (Gulrajani et al. §4)."""
 
     def __init__(self, channels, ndf=32, norm=True):
         widths = [ndf * 2 ** i for i in range(5)]
@@ -182,7 +177,7 @@ def update_ema(ema_model, model, decay):
 # -----------------------------------------------------------------------------
 # What a run shows besides its losses: the test MSE rows and the progress strip
 def load_test_split(config, master):
-    """The test images, uint8 on the CPU; an empty split (prepare.py --test_size 0) gives no test MSE rows."""
+    """The test images, uint8 on the CPU; an empty split (prepare.py --test_size 0): no test MSE, training grids."""
     try:
         test, _ = real_images(config, "test")
     except (FileNotFoundError, ValueError) as e:
@@ -190,14 +185,12 @@ def load_test_split(config, master):
     if len(test) and test.shape[1] != config["channels"]:
         fail(f"'{config['dataset']}' has {config['channels']} channels in its train split, {test.shape[1]} in test")
     if not len(test) and master:
-        print(f"{SCRIPT}.py: note: the test split of '{config['dataset']}' is empty: the sample grids show training "
-              f"images and no test MSE is logged", flush=True)
+        print(f"{SCRIPT}.py: note: the test split of '{config['dataset']}' is empty: no test MSE rows", flush=True)
     return test
 
 @torch.no_grad()
 def write_test_row(log_path, step, models, images, config):
-    """A log.jsonl row of the MSE in [0, 1] pixels over the test images (uint8) of G's output and of the bilinear
-    input (the baseline), each against the truth, in float32 as evaluate.py computes it."""
+    """Log the MSE in [0, 1] pixels of G's output and of the bilinear input over the test images, as evaluate.py."""
     sums = torch.zeros(2, dtype=torch.float64, device=images.device)
     for truth in images.split(250):
         truth = truth.float().div(255)
@@ -214,19 +207,17 @@ def saved_grids(out_dir):
     return sorted((int(n[5:-4]), os.path.join(out_dir, "samples", n)) for n in names if n[5:-4].isdigit())
 
 def save_progress_strip(out_dir, size=64):
-    """One fixed test input through training, left to right: input | G's output at each sample step | truth, cut
-    from the saved grids (make_grid's layout, padding 2: the input's triplet is their first three cells), so that a
-    resumed run's strip also shows the steps before the resume."""
+    """The first fixed input through training: input | G's output at each sample step | truth, cut from the saved
+    grids (their first three cells), so that a resumed run's strip also shows the steps before the resume."""
     from PIL import Image, ImageDraw  # pillow comes with torchvision
 
-    def cell(path, k):
-        with Image.open(path) as grid:
-            return grid.convert("RGB").crop((2 + k * (size + 2), 2, 2 + k * (size + 2) + size, 2 + size))
     steps, paths = zip(*saved_grids(out_dir))
-    cells = [cell(paths[-1], 0), *(cell(path, 1) for path in paths), cell(paths[-1], 2)]
+    cells = [(paths[-1], 0), *((path, 1) for path in paths), (paths[-1], 2)]  # (grid, cell) of each column
     canvas = Image.new("RGB", (2 + len(cells) * (size + 2), size + 18), "white")
-    for i, (image, label) in enumerate(zip(cells, ["input", *steps, "truth"])):
-        canvas.paste(image, (2 + i * (size + 2), 16))
+    for i, ((path, k), label) in enumerate(zip(cells, ["input", *steps, "truth"])):
+        with Image.open(path) as grid:  # make_grid's layout, padding 2
+            cell = grid.convert("RGB").crop((2 + k * (size + 2), 2, 2 + k * (size + 2) + size, 2 + size))
+        canvas.paste(cell, (2 + i * (size + 2), 16))
         ImageDraw.Draw(canvas).text((4 + i * (size + 2), 1), str(label), fill="black")
     canvas.save(os.path.join(out_dir, "progress_strip.tmp.png"))
     os.replace(os.path.join(out_dir, "progress_strip.tmp.png"), os.path.join(out_dir, "progress_strip.png"))
@@ -245,7 +236,7 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--gan_loss", default="bce", choices=["bce", "lsgan", "hinge", "wgan-gp"], help="GAN loss")
     p.add_argument("--gp_weight", type=number(float, 0), default=10.0, help="gradient penalty weight for wgan-gp")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
-                   help="G's output: its input plus a correction starting at zero; --no-residual: the handout's tanh")
+                   help="G outputs its input plus a correction starting at zero; --no-residual: a tanh image")
     p.add_argument("--sn", action="store_true", help="spectral norm on every D conv, and no batch norm in D")
     p.add_argument("--recon", default="l1", choices=["l1", "mse"], help="pixel reconstruction loss, on [-1, 1] images")
     p.add_argument("--recon_weight", type=number(float, 0), default=1.0, help="weight of the reconstruction loss")
@@ -275,8 +266,7 @@ def main(argv=None):
     fixed_low = degrade(fixed_truth, config)
     local_batch, loss_kind = config["batch_size"] // world, config["gan_loss"]
 
-    def draw(idx):
-        """(ground truth, low-resolution input) of the training images at idx, both in [-1, 1]."""
+    def draw(idx):  # (ground truth, low-resolution input) of the training images at idx, both in [-1, 1]
         truth = data[idx.to(device)].float().div(255)
         return [x.mul(2).sub(1).contiguous(memory_format=torch.channels_last) for x in (truth, degrade(truth, config))]
 

@@ -1,14 +1,13 @@
 """VAE: variational autoencoders in one file (Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014), with
 the IWAE bound (Burda et al. 2016, --iw_k), planar and inverse autoregressive flow posteriors (Rezende & Mohamed 2015;
 Kingma et al. 2016, --flow) and a discretised logistic likelihood of 8-bit pixels (Salimans et al. 2017, --recon
-dlogistic). Notes: docs/vae.md; which course uses which configuration: docs/handouts.md.
+dlogistic). Notes: docs/vae.md.
 
     python vae.py                                      # MLP VAE on the embedded MNIST sample, 28x28
     python vae.py --arch conv --iw_k 5 --flow iaf      # conv VAE at 32x32, IWAE bound, IAF posterior
     torchrun --nproc_per_node=2 vae.py                 # DistributedDataParallel
 
-A run writes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE), samples/step_*.png, reconstructions/step_*.png,
-log.jsonl, curves.png, config.json.
+A run writes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE), samples/, reconstructions/, log.jsonl, config.json.
 """
 import argparse
 import copy
@@ -77,12 +76,9 @@ def pixel_levels(x):
     return torch.floor(x * 256).clamp(0, 255)
 
 # -----------------------------------------------------------------------------
-# Models. An encoder gives q0(z|x) = N(mu, diag exp(logvar)) and h, its last hidden layer (the IAF's context); a
-# decoder gives p(x|z) per pixel: logits (--recon bce, mse), an image in [-1, 1] (csi5340's tanh), or a logistic's
-# mean and log-scale (dlogistic, 2 x channels maps).
+# Models: the encoder's q0(z|x), the decoder's p(x|z), and normalizing flows
 class Encoder(nn.Module):
-    """body(x) = h -> linear mean and log-variance heads (a ReLU there could not express a posterior); signed: x
-    enters the body in [-1, 1]."""
+    """body(x) = h (the IAF's context) -> linear heads of q0(z|x) = N(mu, diag exp(logvar)); signed: x in [-1, 1]."""
 
     def __init__(self, body, feature_dim, latent_dim, signed=False):
         super().__init__()
@@ -94,9 +90,8 @@ class Encoder(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h), h
 
 class Decoder(nn.Module):
-    """z -> fc, viewed as start -> net -> out: the parameters of p(x|z) (recon), in float32 also under bfloat16
-    autocast, whose 8 bits of mantissa are as coarse as the pixel levels a logistic's mean must tell apart. tanh: out
-    is an image in [-1, 1]. mse, mse_mean: it holds the Gaussian's sigma, fitted on the side by decoder_sigma_loss."""
+    """z -> fc, viewed as start -> net -> out: per pixel, logits (bce, mse), an image in [-1, 1] (tanh) or a logistic's
+    mean and log-scale (dlogistic); out in float32 also under bf16 autocast. mse, mse_mean: it holds sigma."""
 
     def __init__(self, fc, start, net, out, shape, recon, tanh=False):
         super().__init__()
@@ -186,40 +181,42 @@ class InverseAutoregressiveFlow(nn.ModuleList):
         return z, logdet
 
 def build_models(config):
-    """encoder, decoder (and flow). mlp: D -> hidden (ReLU) -> mean, log-variance, and back. conv: strided 4x4 convs,
-    batch norm, LeakyReLU 0.01, mirrored. csi5340: ReLU, a dense layer to h_dim after the convs, whose decoder reads
-    h_dim as its first map, doubles it depth - 1 times and ends in a 3x3 conv, batch norm and tanh. conv, depth 4:
-    C x 64 x 64 -> 32 x 32 x 32 -> 64 x 16 x 16 -> 128 x 8 x 8 -> 256 x 4 x 4 -> (4096) -> mean, log-variance"""
-    c, s, L, depth, recon = (config[k] for k in ("channels", "img_size", "latent_dim", "depth", "recon"))
-    shape = (2 * c if recon == "dlogistic" else c, s, s)
-    widths, side = [config["width"] * 2 ** i for i in range(depth)], s // 2 ** depth
-    stride2 = lambda a, b: nn.Conv2d(a, b, 4, 2, 1, bias=False)  # noqa: E731
+    """{"encoder", "decoder"} (and "flow"), shapes in docs/vae.md. mlp: D -> hidden (ReLU) -> mean, log-variance, and
+    back. conv: strided 4x4 convs, batch norm, LeakyReLU 0.01, mirrored. csi5340: ReLU, a dense layer to h_dim that the
+    decoder reads as its first map, and a 3x3 conv, batch norm, tanh at the end. Layer order fixes the seeded init."""
+    c, size, latent, depth = config["channels"], config["img_size"], config["latent_dim"], config["depth"]
+    shape = (2 * c if config["recon"] == "dlogistic" else c, size, size)  # dlogistic: means and log-scales
+    widths = [config["width"] * 2 ** i for i in range(depth)]
+    side = size // 2 ** depth  # the encoder's convs end in widths[-1] x side x side
+    down = lambda a, b: nn.Conv2d(a, b, 4, 2, 1, bias=False)  # noqa: E731
     up = lambda a, b: upsample_block(a, b, config["upsample"])  # noqa: E731
     if config["arch"] == "mlp":
         hidden = config["hidden"]
-        encoder = Encoder(nn.Sequential(nn.Flatten(), nn.Linear(c * s * s, hidden), nn.ReLU(True)), hidden, L)
-        decoder = Decoder(nn.Linear(L, hidden), (hidden,), nn.ReLU(True), nn.Linear(hidden, math.prod(shape)), shape,
-                          recon)
+        body = nn.Sequential(nn.Flatten(), nn.Linear(c * size * size, hidden), nn.ReLU(True))
+        encoder = Encoder(body, hidden, latent)
+        fc, start, net, out = nn.Linear(latent, hidden), (hidden,), nn.ReLU(True), nn.Linear(hidden, math.prod(shape))
     elif config["arch"] == "conv":
         leaky = lambda: nn.LeakyReLU(0.01, True)  # noqa: E731
-        body = nn.Sequential(*conv_stack(c, widths, stride2, leaky), nn.Flatten())
-        encoder = Encoder(body, widths[-1] * side ** 2, L)
+        body = nn.Sequential(*conv_stack(c, widths, down, leaky), nn.Flatten())
+        encoder = Encoder(body, widths[-1] * side ** 2, latent)
         net = nn.Sequential(nn.BatchNorm2d(widths[-1]), leaky(), *conv_stack(widths[-1], widths[-2::-1], up, leaky))
-        decoder = Decoder(nn.Linear(L, widths[-1] * side ** 2), (widths[-1], side, side), net,
-                          upsample_block(widths[0], shape[0], config["upsample"], bias=True), shape, recon)
+        fc, start = nn.Linear(latent, widths[-1] * side ** 2), (widths[-1], side, side)
+        out = upsample_block(widths[0], shape[0], config["upsample"], bias=True)
     else:
-        h_dim, first, relu = config["h_dim"], s // 2 ** (depth - 1), lambda: nn.ReLU(True)
-        body = [*conv_stack(c, widths, stride2, relu), nn.Flatten(), nn.Linear(widths[-1] * side ** 2, h_dim)]
-        encoder, start = Encoder(nn.Sequential(*body), h_dim, L, signed=True), (h_dim // first ** 2, first, first)
-        out = [nn.Conv2d(widths[0] if depth > 1 else start[0], c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.Tanh()]
-        decoder = Decoder(nn.Linear(L, h_dim), start, nn.Sequential(*conv_stack(start[0], widths[-2::-1], up, relu)),
-                          nn.Sequential(*out), shape, recon, tanh=True)
+        h_dim, first = config["h_dim"], size // 2 ** (depth - 1)  # first: the side of the decoder's first map
+        relu = lambda: nn.ReLU(True)  # noqa: E731
+        body = nn.Sequential(*conv_stack(c, widths, down, relu), nn.Flatten(), nn.Linear(widths[-1] * side ** 2, h_dim))
+        encoder, start = Encoder(body, h_dim, latent, signed=True), (h_dim // first ** 2, first, first)
+        last_conv = nn.Conv2d(widths[0] if depth > 1 else start[0], c, 3, 1, 1, bias=False)
+        out = nn.Sequential(last_conv, nn.BatchNorm2d(c), nn.Tanh())
+        fc, net = nn.Linear(latent, h_dim), nn.Sequential(*conv_stack(start[0], widths[-2::-1], up, relu))
+    decoder = Decoder(fc, start, net, out, shape, config["recon"], tanh=config["arch"] == "csi5340")
     models = {"encoder": encoder, "decoder": decoder}
     if config["flow"] == "planar":
-        models["flow"] = PlanarFlow(L, config["flow_length"])
+        models["flow"] = PlanarFlow(latent, config["flow_length"])
     elif config["flow"] == "iaf":
-        models["flow"] = InverseAutoregressiveFlow(L, config["flow_length"], config["flow_hidden"] or 2 * L,
-                                                   encoder.feature_dim)
+        flow_hidden = config["flow_hidden"] or 2 * latent
+        models["flow"] = InverseAutoregressiveFlow(latent, config["flow_length"], flow_hidden, encoder.feature_dim)
     return models
 
 def sample_latent(config, n, device, generator=None):
@@ -303,13 +300,14 @@ def posterior_samples(mu, logvar, h, flow, k):
         z, log_q = z.view(k, *mu.shape), log_q - logdet.view(k, -1)
     return z, log_q
 
-def vae_loss(encoder, decoder, flow, x, recon_kind, kl_weight, k, tanh=False):
+def vae_loss(models, x, recon_kind, kl_weight, k, tanh=False):
     """Minus the bound, averaged over the batch -> (loss, reconstruction (N,), KL (N,), decoder output). k = 1 without a
     flow: reconstruction + kl_weight * KL in closed form. Else the IWAE bound (Burda et al.), log mean_j w_j with log
     w_j = -reconstruction(z_j) - kl_weight (log q(z_j|x) - log p(z_j)), a bound on log p(x) where kl_weight = 1."""
-    mu, logvar, h = (t.float() for t in encoder(x))
+    flow = models.get("flow")
+    mu, logvar, h = (t.float() for t in models["encoder"](x))
     z, log_q = posterior_samples(mu, logvar, h, flow, k)
-    decoded = decoder(z.flatten(0, 1)).float()
+    decoded = models["decoder"](z.flatten(0, 1)).float()
     recon = reconstruction_loss(recon_kind, x, decoded.view(k, -1, *decoded.shape[1:]), tanh)  # (k, N)
     if k == 1 and flow is None:
         kl = gaussian_kl(mu, logvar)
@@ -362,10 +360,8 @@ class Record(dict):
 
 def reconstruction_grid(x, x_rec, cols=6):
     """Each row: cols originals, a white cell, and their reconstructions; drawn 2 * cols + 1 cells wide."""
-    rows = []
-    for i in range(0, len(x), cols):
-        rows += [x[i:i + cols], torch.ones_like(x[:1]), x_rec[i:i + cols]]
-    return torch.cat(rows)
+    originals, reconstructions = x.unflatten(0, (-1, cols)), x_rec.unflatten(0, (-1, cols))
+    return torch.cat([originals, torch.ones_like(originals[:, :1]), reconstructions], 1).flatten(0, 1)
 
 def draw_and_score(models, step, out_dir, fixed_noise, shown, test_data):
     """The sample grid, 36 images beside their reconstructions, and the test MSE (None for an empty test split)."""
@@ -385,9 +381,9 @@ def save_best(config, step, state, data_gen, window):
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
-    path = os.path.join(config["out_dir"], "ckpt_best.pt")
     if not all(t.isfinite().all() for t in tensors_in(ckpt) if t.is_floating_point()):
         fail(f"non-finite weights by step {step}; the checkpoints in {config['out_dir']} are kept; try a lower --lr")
+    path = os.path.join(config["out_dir"], "ckpt_best.pt")
     try:
         buffer = io.BytesIO()  # serialised first, as save_checkpoint does: a full disk then fails in open()'s write
         torch.save(ckpt, buffer)
@@ -405,18 +401,15 @@ def get_args(argv=None, defaults=None):
     p = argparse.ArgumentParser(description="Train a VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--img_size", type=number(int, 1, 1024), help="image side; unset: 28 for --arch mlp, else 32")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "conv", "csi5340"],
-                   help="fully connected, convolutional, or CSI5340's conv VAE (ReLU, --h_dim, a tanh output)")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv", "csi5340"], help="csi5340: ReLU, --h_dim, tanh")
     p.add_argument("--latent_dim", type=number(int, 1, WIDEST), default=20, help="latent size")
     p.add_argument("--hidden", type=number(int, 1, WIDEST), default=400, help="--arch mlp: hidden layer width")
-    p.add_argument("--depth", type=int, default=4, choices=range(1, 6), metavar="{1,...,5}",
-                   help="--arch conv, csi5340: strided convs in the encoder, doublings in the decoder")
-    p.add_argument("--width", type=number(int, 1, WIDEST), default=32,
-                   help="--arch conv, csi5340: channels of the first conv, doubled per layer")
+    p.add_argument("--depth", type=int, default=4, choices=range(1, 6), metavar="{1,...,5}", help="conv layers")
+    p.add_argument("--width", type=number(int, 1, WIDEST), default=32, help="first conv's channels, doubled per layer")
     p.add_argument("--h_dim", type=number(int, 1, WIDEST), default=1024, help="--arch csi5340: the dense layer after "
                    "the convs, also the decoder's first map: a multiple of (img_size / 2^(depth-1))^2")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
-                   help="how the conv decoders double resolution: transposed conv, or resize then 3x3 conv")
+                   help="how the conv decoders double the size: transposed conv, or resize then 3x3 conv")
     p.add_argument("--recon", default="bce", choices=["bce", "mse", "mse_mean", "dlogistic"],
                    help="p(x|z): Bernoulli, squared error summed or averaged over pixels, or discretised logistic")
     p.add_argument("--kl_weight", type=number(float, 0), default=1.0, help="weight of the KL term; 1: the ELBO")
@@ -451,8 +444,8 @@ def main(argv=None):
         test_data = real_images(config, "test")[0].to(device)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    local_batch, recon, kl_weight, iw_k = (config[k] for k in ("batch_size", "recon", "kl_weight", "iw_k"))
-    local_batch //= world
+    local_batch = config["batch_size"] // world
+    recon, kl_weight, iw_k = config["recon"], config["kl_weight"], config["iw_k"]
     memory_format = torch.contiguous_format if config["arch"] == "mlp" else torch.channels_last  # faster convs
 
     torch.manual_seed(config["seed"])  # the same initial weights on every rank, so the EMA starts from DDP's
@@ -468,13 +461,12 @@ def main(argv=None):
     data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
     state = {"models": models, "optimizers": optimizers, "ema": {}, "records": {"best": best}}  # what ckpt.pt holds
     step, window = restore(ckpt, config, state, data_gen, device)
-    trial = copy.deepcopy(models), to_unit_interval(data[:local_batch]).contiguous(memory_format=memory_format)
+    trial_nets = copy.deepcopy(models)
+    trial_x = to_unit_interval(data[:local_batch]).contiguous(memory_format=memory_format)
 
     def trial_step():  # copies of the networks on a fixed batch, leaving the random streams as they were
         with torch.random.fork_rng(devices=[]):
-            nets = trial[0]
-            vae_loss(nets["encoder"], nets["decoder"], nets.get("flow"), trial[1], recon, kl_weight, iw_k,
-                     decoder.tanh)[0].backward()
+            vae_loss(trial_nets, trial_x, recon, kl_weight, iw_k, decoder.tanh)[0].backward()
     autocast = choose_precision(config, device, trial_step)
     fixed_noise = fixed_randn(config["seed"], 36, config["latent_dim"]).to(device)  # the sample grids' latents
     shown = test_data if len(test_data) else data  # 36 images spread over the split (mnist5k's is sorted by class)
@@ -495,8 +487,7 @@ def main(argv=None):
         idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
         x = to_unit_interval(data[idx]).contiguous(memory_format=memory_format)
         with autocast:
-            loss, rec, kl, decoded = vae_loss(nets["encoder"], nets["decoder"], nets.get("flow"), x, recon, kl_weight,
-                                              iw_k, decoder.tanh)
+            loss, rec, kl, decoded = vae_loss(nets, x, recon, kl_weight, iw_k, decoder.tanh)
         # --recon mse, mse_mean: the decoder's sigma is fitted on the side, by a Gaussian NLL that reaches nothing else
         loss_sigma = decoder_sigma_loss(x, decoded, decoder.log_sigma, decoder.tanh) if sigma else 0
         optimizers["vae"].zero_grad(set_to_none=True)

@@ -1,10 +1,7 @@
-"""WGAN and WGAN-GP: Wasserstein GANs with weight clipping or a gradient penalty, in one file.
-
-Arjovsky, Chintala, Bottou, "Wasserstein GAN", ICML 2017 (--mode clip); Gulrajani et al., "Improved Training of
-Wasserstein GANs", NeurIPS 2017 (--mode gp, the default). G is dcgan.py's generator; the critic D is its
-discriminator without the sigmoid, trained to maximise E[D(x)] - E[D(G(z))] under a Lipschitz constraint: critic
-weights clipped to [-c, c], or a gradient penalty. A run writes ckpt.pt, samples/step_*.png, log.jsonl, curves.png
-and config.json to --out_dir. Which course uses which configuration: docs/handouts.md.
+"""WGAN (Arjovsky et al. 2017, --mode clip) and WGAN-GP (Gulrajani et al. 2017, --mode gp, the default) in one file.
+G is dcgan.py's generator; the critic D is its discriminator without the sigmoid, trained to maximise
+E[D(x)] - E[D(G(z))] with its weights clipped to [-c, c] or under a gradient penalty. A run writes ckpt.pt,
+samples/step_*.png, log.jsonl and config.json to --out_dir.
 
     python wgan.py                                    # WGAN-GP on the embedded MNIST sample, 32x32
     python wgan.py --mode clip                        # WGAN with weight clipping, RMSprop
@@ -78,10 +75,9 @@ def upsample_block(in_ch, out_ch, mode):
     return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
 
 class Generator(nn.Sequential):
-    """dcgan.py's generator: z (nz) -> image in [-1, 1] through depth blocks of (transposed) conv, batch norm and ReLU,
-    each doubling the size and halving the width, then a conv to the image and a tanh. The default depth gives the
-    DCGAN tables; img_size 32: nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32"""
-
+    """z -> image in [-1, 1]: depth blocks of (transposed) conv, batch norm and ReLU, each doubling the size and
+    halving the width, then a conv to the image and a tanh. img_size 32, default depth (the DCGAN tables):
+    nz -> (ngf*4) x 4 x 4 -> (ngf*2) x 8 x 8 -> ngf x 16 x 16 -> C x 32 x 32"""
     def __init__(self, nz, ngf, channels, img_size, upsample="convtranspose", depth=None):
         depth = depth or int(math.log2(img_size)) - 2
         start, width = img_size // 2 ** depth, ngf * 2 ** (depth - 1)
@@ -93,50 +89,36 @@ class Generator(nn.Sequential):
 
 NORMS = {"batch": nn.BatchNorm2d, "layer": lambda width: nn.GroupNorm(1, width), "none": lambda width: nn.Identity()}
 
-def strided_convs(channels, ndf, n_layers, norm, slope):
-    """The critic's body: 4x4 stride-2 conv + LeakyReLU (no norm on the input), then n_layers - 1 blocks of conv +
-    norm + LeakyReLU, each halving the size and doubling the width. -> (layers, last width). Layer norm is GroupNorm
-    with one group (each sample over C x H x W, a scale and offset per channel), as in Gulrajani et al.'s code."""
-    layers, width = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)], ndf
-    for _ in range(n_layers - 1):  # a norm's offset plays the part of the conv's bias; without one, the conv has it
-        layers += [nn.Conv2d(width, 2 * width, 4, 2, 1, bias=norm == "none"), NORMS[norm](2 * width),
-                   nn.LeakyReLU(slope, True)]
-        width *= 2
-    return layers, width
-
 class Critic(nn.Sequential):
-    """image -> one unbounded score: the DCGAN discriminator without the sigmoid. norm: batch (DCGAN), layer or none;
-    batch norm couples the samples of a batch, so the per-sample gradient penalty is not defined for it.
-    img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> (ndf*2) x 16 x 16 -> (ndf*4) x 8 x 8 -> (ndf*8) x 4 x 4 -> 1"""
-
-    def __init__(self, ndf, channels, img_size, norm="batch", slope=0.2):
-        layers, width = strided_convs(channels, ndf, int(math.log2(img_size)) - 2, norm, slope)
-        super().__init__(*layers, nn.Conv2d(width, 1, 4, 1, 0, bias=False), nn.Flatten(0))
-
-class DepthCritic(nn.Sequential):
-    """image -> one unbounded score, of depth 1 to 5: depth strided convs, a conv taking the start x start map to
-    1 x 1 with a LeakyReLU, then a linear layer. img_size 32, depth 3:
-    C x 32 x 32 -> ndf x 16 x 16 -> (ndf*2) x 8 x 8 -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1"""
-
-    def __init__(self, ndf, channels, img_size, depth, norm="batch", slope=0.2):
-        layers, width = strided_convs(channels, ndf, depth, norm, slope)
-        super().__init__(*layers, nn.Conv2d(width, width, img_size // 2 ** depth, 1, 0, bias=False),
-                         nn.LeakyReLU(slope, True), nn.Flatten(), nn.Linear(width, 1), nn.Flatten(0))
+    """image -> one unbounded score: a 4x4 stride-2 conv + LeakyReLU, then blocks of conv + norm (batch, layer:
+    GroupNorm with one group as in Gulrajani et al.'s code, or none) + LeakyReLU, each halving the size and doubling
+    the width, then a conv to the score (the DCGAN discriminator without its sigmoid) or, with depth, a conv to
+    1 x 1 + LeakyReLU + linear. img_size 64: C x 64 x 64 -> ndf x 32 x 32 -> ... -> (ndf*8) x 4 x 4 -> 1;
+    img_size 32, depth 3: C x 32 x 32 -> ndf x 16 x 16 -> ... -> (ndf*4) x 4 x 4 -> (ndf*4) x 1 x 1 -> 1"""
+    def __init__(self, ndf, channels, img_size, depth=None, norm="batch", slope=0.2):
+        n_layers = depth or int(math.log2(img_size)) - 2
+        layers, width = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(slope, True)], ndf
+        for _ in range(n_layers - 1):  # a norm's offset plays the part of the conv's bias; without one, the conv has it
+            layers += [nn.Conv2d(width, 2 * width, 4, 2, 1, bias=norm == "none"), NORMS[norm](2 * width),
+                       nn.LeakyReLU(slope, True)]
+            width *= 2
+        layers.append(nn.Conv2d(width, width if depth else 1, img_size // 2 ** n_layers, 1, 0, bias=False))
+        if depth:  # the score from a linear layer
+            layers += [nn.LeakyReLU(slope, True), nn.Flatten(), nn.Linear(width, 1)]
+        super().__init__(*layers, nn.Flatten(0))
 
 def init_weights(module):
-    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales (Radford et al. §4)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+    """N(0, 0.02) for conv and linear weights, N(1, 0.02) for batch-norm scales, zero biases (Radford et al. §4)."""
+    batch_norm = isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))
+    if batch_norm or isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 1.0 if batch_norm else 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
 
 def build_models(config):
     c, s, depth, norm, slope = (config[k] for k in ("channels", "img_size", "depth", "critic_norm", "leaky_slope"))
     G = Generator(config["nz"], config["ngf"], c, s, config["upsample"], depth)
-    D = DepthCritic(config["ndf"], c, s, depth, norm, slope) if depth else Critic(config["ndf"], c, s, norm, slope)
+    D = Critic(config["ndf"], c, s, depth, norm, slope)
     return {"G": G.apply(init_weights), "D": D.apply(init_weights)}
 
 def sample_latent(config, n, device, generator=None):
@@ -163,12 +145,6 @@ def gradient_penalty(critic, real, fake, eps=None):
     x_hat = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
     grad, = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
-
-@torch.no_grad()
-def clip_weights_(critic, bound):
-    """Clamp every critic parameter, batch-norm scales and offsets too, to [-bound, bound] (Arjovsky et al. Alg. 1)."""
-    for p in critic.parameters():
-        p.clamp_(-bound, bound)
 
 # -----------------------------------------------------------------------------
 # Training aids that leave the model as defined: augmenting what D sees, and averaging G's weights
@@ -225,30 +201,27 @@ def update_ema(ema_model, model, decay):
 
 # -----------------------------------------------------------------------------
 # Training
-MODE_DEFAULTS = {"clip": dict(lr=5e-5, critic_norm="batch"),  # Arjovsky et al. Alg. 1; RMSprop has no betas
-                 "gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, critic_norm="layer")}  # Gulrajani et al. Alg. 1 and §4
-
 def resolve_mode_defaults(config):
     """The flags left unset (None) take the defaults of --mode; a resumed run has them all from its checkpoint."""
-    config.update({key: value for key, value in MODE_DEFAULTS[config["mode"]].items() if config[key] is None})
+    defaults = {"clip": dict(lr=5e-5, critic_norm="batch"),  # Arjovsky et al. Alg. 1; RMSprop has no betas
+                "gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, critic_norm="layer")}[config["mode"]]  # Gulrajani et al.
+    config.update({key: value for key, value in defaults.items() if config[key] is None})
     return config
 
 def get_args(argv=None, defaults=None):
-    p = argparse.ArgumentParser(description="Train a WGAN (weight clipping) or a WGAN-GP (gradient penalty).",
+    p = argparse.ArgumentParser(description="Train a WGAN-GP (Gulrajani et al. 2017) or a WGAN (Arjovsky et al. 2017).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--mode", default="gp", choices=["gp", "clip"], help="the critic's Lipschitz constraint: gradient "
-                   "penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017)")
+    p.add_argument("--mode", default="gp", choices=["gp", "clip"], help="the critic's Lipschitz constraint")
     p.add_argument("--img_size", type=number(int, 1, 1024), default=32, help="32 or 64; --depth: a multiple of 2^depth")
     p.add_argument("--depth", type=int, choices=range(1, 6), metavar="{1,...,5}", help="G of depth (transposed conv, "
-                   "BN, ReLU) blocks and the DepthCritic; unset: the DCGAN tables")
+                   "BN, ReLU) blocks, the critic of depth blocks and a linear layer; unset: the DCGAN tables")
     p.add_argument("--nz", type=number(int, 1, 4096), default=100, help="latent size")
     p.add_argument("--ngf", type=number(int, 1, 4096), default=32, help="G's width before its output layer")
     p.add_argument("--ndf", type=number(int, 1, 4096), default=16, help="critic width of its first layer")
     p.add_argument("--upsample", default="convtranspose", choices=["convtranspose", "nearest", "bilinear"],
                    help="how G doubles resolution: transposed conv, or resize then 3x3 conv (Odena et al. 2016)")
     p.add_argument("--leaky_slope", type=FRACTION, default=0.2, help="the critic's LeakyReLU slope")
-    p.add_argument("--critic_norm", choices=["batch", "layer", "none"], help="the critic's normalisation; unset: "
-                   "batch for clip, layer for gp (which refuses batch norm: Gulrajani et al. §4)")
+    p.add_argument("--critic_norm", choices=["batch", "layer", "none"], help="unset: batch (clip), layer (gp)")
     p.add_argument("--clip", type=number(float, 0, low_open=True), default=0.01, help="clip mode: weight bound c")
     p.add_argument("--gp_weight", type=number(float, 0, low_open=True), default=10.0, help="gp mode: penalty weight")
     p.add_argument("--n_critic", type=number(int, 1, 100), default=5, help="critic updates per G update (iteration)")
@@ -264,11 +237,9 @@ def get_args(argv=None, defaults=None):
     if args.mode == "clip" and (args.beta1 is not None or args.beta2 is not None):
         fail("--beta1/--beta2 set Adam's betas, but --mode clip trains with RMSprop (Arjovsky et al.)")
     if args.mode == "gp" and args.critic_norm == "batch":
-        fail("--critic_norm batch cannot be used with --mode gp: batch norm couples the samples, so the per-sample "
-             "gradient penalty is wrong; use layer or none")
+        fail("--critic_norm batch couples the samples: --mode gp's per-sample gradient penalty needs layer or none")
     if args.depth and args.img_size % 2 ** args.depth:
-        fail(f"--img_size {args.img_size} is not supported with --depth {args.depth}: use a multiple of "
-             f"2^depth = {2 ** args.depth}")
+        fail(f"--img_size {args.img_size} with --depth {args.depth}: use a multiple of 2^depth = {2 ** args.depth}")
     if not args.depth and args.img_size not in (32, 64):
         fail(f"--img_size {args.img_size} is not supported by the DCGAN networks: use 32 or 64 (or --depth)")
     return args
@@ -276,13 +247,12 @@ def get_args(argv=None, defaults=None):
 def main(argv=None):
     config, ckpt = parse_config(get_args, argv)
     device, rank, world = setup_distributed(config)
-    ddp, master, out_dir = world > 1, rank == 0, config["out_dir"]
     data, _ = train_data(config, device)
-    local_batch, nz, policy = config["batch_size"] // world, config["nz"], config["augment"]
-    n_critic, gp_mode, memory_format = config["n_critic"], config["mode"] == "gp", torch.channels_last  # faster convs
+    local_batch, nz, n_critic = config["batch_size"] // world, config["nz"], config["n_critic"]
+    master, gp_mode, policy = rank == 0, config["mode"] == "gp", config["augment"]
 
     torch.manual_seed(config["seed"])  # the same initial weights on every rank, so the EMA starts from DDP's
-    models = {name: m.to(device, memory_format=memory_format) for name, m in build_models(config).items()}
+    models = {name: m.to(device, memory_format=torch.channels_last) for name, m in build_models(config).items()}
     if rank:  # from here each rank draws its own noise; rank 0 goes on as a single process does
         torch.manual_seed(config["seed"] + rank)
     G, D = models["G"], models["D"]
@@ -301,7 +271,7 @@ def main(argv=None):
     # gp: D stays eager, since the penalty differentiates it twice, which a compiled graph cannot
     D_train = torch.compile(D) if config["compile"] and not gp_mode else D
     D_judge = D_train  # D in G's update: outside DDP, since its frozen weights get no gradient there
-    if ddp:  # the penalty's gradient is taken w.r.t. x_hat, which fires no DDP hook; loss_D.backward() reduces it all
+    if world > 1:  # the penalty's gradient w.r.t. x_hat fires no DDP hook; loss_D.backward() reduces it all
         G_train, D_train = (torch.nn.parallel.DistributedDataParallel(m) for m in (G_train, D_train))
     log_path = prepare_out_dir(config, step) if master else None
     t0, timed = time.perf_counter(), 0
@@ -310,7 +280,7 @@ def main(argv=None):
         critic_stats = 0
         for critic_step in range(n_critic):
             idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
-            real = to_unit_range(data[idx]).contiguous(memory_format=memory_format)
+            real = to_unit_range(data[idx]).contiguous(memory_format=torch.channels_last)  # faster convs
             with autocast, torch.set_grad_enabled(critic_step == n_critic - 1):  # the last fakes feed G's update
                 fake = G_train(torch.randn(local_batch, nz, device=device))
             with autocast:
@@ -322,8 +292,9 @@ def main(argv=None):
             optimizers["D"].zero_grad(set_to_none=True)
             loss_D.backward()
             optimizers["D"].step()
-            if not gp_mode:
-                clip_weights_(D, config["clip"])
+            if not gp_mode:  # clip every weight, batch norm's too (Arjovsky et al. Alg. 1)
+                for p in D.parameters():
+                    p.data.clamp_(-config["clip"], config["clip"])
             wasserstein = real_scores.mean() - fake_scores.mean()  # the critic's estimate of the distance
             critic_stats = critic_stats + torch.stack([loss_D, wasserstein, penalty]).detach() / n_critic
 
@@ -351,11 +322,11 @@ def main(argv=None):
             update_bn(bn_noise.to(device), ema["G"])
         if is_sample and master:
             G.eval()
-            save_image(generate(ema or models, fixed_noise), f"{out_dir}/samples/step_{step:06d}.png", nrow=6)
+            save_image(generate(ema or models, fixed_noise), f"{config['out_dir']}/samples/step_{step:06d}.png", nrow=6)
             G.train()
         if is_ckpt:
             save_checkpoint(config, step, state, data_gen, window, master)
-    if ddp:
+    if world > 1:
         del G_train, D_train  # DDP reducers must go before their process group, or exit can abort
         torch.distributed.destroy_process_group()
 

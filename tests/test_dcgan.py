@@ -182,7 +182,7 @@ def test_without_depth_the_dcgan_tables_stay_and_depth_3_keeps_their_generator()
     default = dcgan.build_models(config())
     assert isinstance(default["D"], dcgan.Discriminator) and not any(isinstance(m, nn.Linear) for m in default["D"].modules())
     deep = dcgan.build_models(config(depth=3))
-    assert isinstance(deep["D"], dcgan.DepthDiscriminator)
+    assert isinstance(deep["D"], dcgan.Discriminator) and any(isinstance(m, nn.Linear) for m in deep["D"].modules())
     assert {k: v.shape for k, v in deep["G"].state_dict().items()} == {k: v.shape for k, v in default["G"].state_dict().items()}
     big = dcgan.build_models(config(img_size=64, channels=3, depth=2, upsample="bilinear"))
     assert big["G"](torch.randn(2, 16)).shape == (2, 3, 64, 64) and big["D"](torch.randn(2, 3, 64, 64)).shape == (2,)
@@ -537,7 +537,7 @@ def test_csi5340_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, c
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert (ckpt["config"]["depth"], ckpt["config"]["loss"], ckpt["config"]["leaky_slope"]) == (2, "sigmoid_mse", 0.1)
     models = dcgan.load_models(ckpt, "cpu")
-    assert isinstance(models["D"], dcgan.DepthDiscriminator)
+    assert isinstance(models["D"], dcgan.Discriminator) and isinstance(models["D"][-2], nn.Linear)
     assert {m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
     assert dcgan.generate(models, dcgan.sample_latent(ckpt["config"], 3, "cpu")).shape == (3, 1, 32, 32)
     rows = read_log(out)

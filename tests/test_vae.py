@@ -201,7 +201,7 @@ def test_mse_mean_and_kl_weight_are_the_reports_loss_and_kl_factor():
     e, d = models["encoder"], models["decoder"]
     x = mnist_batch(6, 32)
     torch.manual_seed(3)
-    loss, recon, kl, _ = vae.vae_loss(e, d, None, x, "mse_mean", 0.05, 1, tanh=True)
+    loss, recon, kl, _ = vae.vae_loss(models, x, "mse_mean", 0.05, 1, tanh=True)
     torch.manual_seed(3)
     mu, logvar, _ = e(x)
     x_rec = d(mu + (0.5 * logvar).exp() * torch.randn_like(mu))
@@ -209,7 +209,7 @@ def test_mse_mean_and_kl_weight_are_the_reports_loss_and_kl_factor():
     assert torch.allclose(loss, F.mse_loss(x_rec, 2 * x - 1) + 0.05 * kl_report, rtol=1e-5)
     # --recon mse sums the same error over the D pixels: --kl_weight = KL_factor * D gives D times that loss
     torch.manual_seed(3)
-    summed, _, _, _ = vae.vae_loss(e, d, None, x, "mse", 0.05 * 32 * 32, 1, tanh=True)
+    summed, _, _, _ = vae.vae_loss(models, x, "mse", 0.05 * 32 * 32, 1, tanh=True)
     assert torch.allclose(summed, 32 * 32 * loss, rtol=1e-5)
     # a sigmoid decoder's mse_mean is in [0, 1] units
     logits = torch.randn(6, 1, 32, 32)
@@ -351,7 +351,7 @@ def test_vae_loss_is_reconstruction_plus_weighted_kl():
     e, d = models["encoder"], models["decoder"]
     x = mnist_batch(8)
     torch.manual_seed(5)
-    loss, recon, kl, _ = vae.vae_loss(e, d, None, x, "bce", 0.3, 1)
+    loss, recon, kl, _ = vae.vae_loss(models, x, "bce", 0.3, 1)
     torch.manual_seed(5)
     mu, logvar, _ = e(x)
     z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
@@ -453,10 +453,9 @@ def test_log_importance_weights_and_the_bound_tighten_with_k(flow):
     bound = {k: (torch.logsumexp(log_w.view(1000 // k, k, 16), 1) - math.log(k)).mean().item() for k in (1, 5, 50)}
     assert bound[1] < bound[5] < bound[50], bound
     # the training objective on the same model and batch: IWAE with K=5 is at least the ELBO (K=1)
-    e, d, f = models["encoder"], models["decoder"], models.get("flow")
     with torch.no_grad():
-        elbo = -torch.stack([vae.vae_loss(e, d, f, x, "bce", 1.0, 1)[0] for _ in range(20)]).mean()
-        iwae = -torch.stack([vae.vae_loss(e, d, f, x, "bce", 1.0, 5)[0] for _ in range(20)]).mean()
+        elbo = -torch.stack([vae.vae_loss(models, x, "bce", 1.0, 1)[0] for _ in range(20)]).mean()
+        iwae = -torch.stack([vae.vae_loss(models, x, "bce", 1.0, 5)[0] for _ in range(20)]).mean()
     assert iwae > elbo, (iwae, elbo)
 
 

@@ -117,7 +117,7 @@ def test_without_depth_the_dcgan_tables_stay_and_leaky_slope_sets_the_critic():
     default = wgan.build_models(config())
     assert isinstance(default["D"], wgan.Critic) and not any(isinstance(m, nn.Linear) for m in default["D"].modules())
     deep = wgan.build_models(config(depth=3))
-    assert isinstance(deep["D"], wgan.DepthCritic)
+    assert isinstance(deep["D"], wgan.Critic) and isinstance(deep["D"][-2], nn.Linear)  # depth: a linear head
     assert {k: v.shape for k, v in deep["G"].state_dict().items()} == {k: v.shape for k, v in default["G"].state_dict().items()}
     assert abs(deep["D"][-2].weight.std().item() - 0.02) < 0.01  # the linear layer starts from N(0, 0.02) too
     for depth in (None, 2):
@@ -610,7 +610,8 @@ def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_p
         ckpt = torch.load(out / mode / "ckpt.pt", weights_only=True)
         assert (ckpt["config"]["depth"], ckpt["config"]["leaky_slope"]) == (2, 0.1)
         models = wgan.load_models(ckpt, "cpu")
-        assert isinstance(models["D"], wgan.DepthCritic) and any(isinstance(m, norm) for m in models["D"].modules())
+        assert isinstance(models["D"], wgan.Critic) and isinstance(models["D"][-2], nn.Linear)
+        assert any(isinstance(m, norm) for m in models["D"].modules())
         assert wgan.generate(models, wgan.sample_latent(ckpt["config"], 3, "cpu")).shape == (3, 1, 32, 32)
     line = main_error(capsys, "--max_iters", 3, "--resume", *common, "--out_dir", out / "gp", "--depth", 3)
     assert "--depth cannot change in a resumed run" in line
