@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import REPO, run_script
+from conftest import REPO, flat_state, run_script
 
 sys.path.insert(0, str(REPO))
 import wgan  # noqa: E402
@@ -649,7 +649,11 @@ assert all(torch.allclose(p.grad, g, atol=1e-12) for p, g in zip(D.parameters(),
 del ddp  # a DDP reducer still alive when the process group goes can abort the process at exit
 torch.distributed.destroy_process_group()
 print(f"rank {rank}: DDP gradients are the whole batch's", flush=True)
-wgan.main(sys.argv[2:])  # then train, as `torchrun wgan.py ARGS` does, in a process group of its own
+states, original_restore = [], wgan.restore  # then train, as `torchrun wgan.py ARGS` does, in a group of its own,
+wgan.restore = lambda ckpt, config, state, *a: states.append(state) or original_restore(ckpt, config, state, *a)
+wgan.main(sys.argv[2:])  # and save what this rank trained: weights, EMA and optimizer state
+torch.save({group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in states[0].items()},
+           sys.argv[sys.argv.index("--out_dir") + 1] + f"/state_rank{rank}.pt")
 '''
 
 
@@ -658,14 +662,14 @@ def torchrun(*args, port):
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
-def test_torchrun_two_processes(tiny_mnist, tmp_path):
+def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):
     # the penalty's double backward through DDP gives the gradient of the whole batch; then wgan.main trains under DDP
-    # (one torchrun launch for both: each starts three processes that import torch, tens of seconds on a busy machine)
+    # and both ranks end with the same networks, EMA and optimizer states, unlike one process with the same global
+    # batch (one torchrun launch: each starts three processes that import torch, tens of seconds on a busy machine)
     (tmp_path / "ddp_check.py").write_text(DDP_GRADIENT_CHECK)
-    out = tmp_path / "ddp"
-    proc = torchrun(tmp_path / "ddp_check.py", REPO, "--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "3",
-                    "--log_interval", "1", "--n_critic", "2", "--dtype", "bfloat16", *TINY,
-                    port=29871)  # CPU autocast: bf16 + DDP + penalty
+    out, common = tmp_path / "ddp", ["--data_dir", tiny_mnist, "--max_iters", "3", "--log_interval", "1", "--n_critic",
+                                     "2", "--dtype", "bfloat16", *TINY]  # CPU autocast: bf16 + DDP + penalty
+    proc = torchrun(tmp_path / "ddp_check.py", REPO, "--out_dir", out, *common, port=29871)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(f"rank {rank}: DDP gradients are the whole batch's" in proc.stdout for rank in (0, 1)), proc.stdout[-3000:]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -674,6 +678,17 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path):
     assert ckpt["ema"]["G"].keys() == ckpt["models"]["G"].keys()
     rows = read_log(out)
     assert len(rows) == 3 and all(r["gp"] > 0 and abs(r["loss_D"]) < 1e3 for r in rows)  # only rank 0 writes
+    rank0, rank1 = (flat_state(torch.load(out / f"state_rank{r}.pt", weights_only=True)) for r in (0, 1))
+    assert {".".join(k.split(".")[:2]) for k in rank0} == {"models.G", "models.D", "optimizers.G", "optimizers.D", "ema.G"}
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    states, original_restore = [], wgan.restore  # the same flags in one process, recorded as the ranks did
+    monkeypatch.setattr(wgan, "restore", lambda ckpt, config, state, *a: states.append(state)
+                        or original_restore(ckpt, config, state, *a))
+    wgan.main([str(a) for a in ["--out_dir", tmp_path / "alone", *common]])
+    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
+                         for group, objects in states[0].items()})
+    for network in ("models.G", "models.D"):
+        assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 
 
 # --- checkpoints and bad input -------------------------------------------------------------
