@@ -202,10 +202,12 @@ def update_ema(ema_model, model, decay):
 # -----------------------------------------------------------------------------
 # Training
 def resolve_mode_defaults(config):
-    """The flags left unset (None) take the defaults of --mode; a resumed run has them all from its checkpoint."""
-    defaults = {"clip": dict(lr=5e-5, critic_norm="batch"),  # Arjovsky et al. Alg. 1; RMSprop has no betas
-                "gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, critic_norm="layer")}[config["mode"]]  # Gulrajani et al.
-    config.update({key: value for key, value in defaults.items() if config[key] is None})
+    """The flags left unset (None) take the defaults of --mode; a resumed run has them all from its checkpoint.
+    clip: Arjovsky et al.'s Alg. 1 (RMSprop has no betas). gp: Gulrajani et al.'s, but for 2 critic updates instead of
+    5 and lr 2e-4 instead of 1e-4, which take the digits' FID from about 58 to 34 in the same time (docs/wgan.md)."""
+    defaults = {"clip": dict(lr=5e-5, critic_norm="batch", n_critic=5, max_iters=4000),
+                "gp": dict(lr=2e-4, beta1=0.0, beta2=0.9, critic_norm="layer", n_critic=2, max_iters=7000)}
+    config.update({key: value for key, value in defaults[config["mode"]].items() if config.get(key) is None})
     return config
 
 def get_args(argv=None, defaults=None):
@@ -224,15 +226,15 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--critic_norm", choices=["batch", "layer", "none"], help="unset: batch (clip), layer (gp)")
     p.add_argument("--clip", type=number(float, 0, low_open=True), default=0.01, help="clip mode: weight bound c")
     p.add_argument("--gp_weight", type=number(float, 0, low_open=True), default=10.0, help="gp mode: penalty weight")
-    p.add_argument("--n_critic", type=number(int, 1, 100), default=5, help="critic updates per G update (iteration)")
-    p.add_argument("--lr", type=number(float, 0, low_open=True), help="unset: RMSprop 5e-5 (clip), Adam 1e-4 (gp)")
+    p.add_argument("--n_critic", type=number(int, 1, 100), help="critic updates per G update; unset: 5 (clip), 2 (gp)")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), help="unset: RMSprop 5e-5 (clip), Adam 2e-4 (gp)")
     p.add_argument("--beta1", type=FRACTION, help="gp mode: Adam beta1; unset: 0.0")
     p.add_argument("--beta2", type=FRACTION, help="gp mode: Adam beta2; unset: 0.9")
-    p.add_argument("--augment", type=augment_policy, default="translation,cutout", help="differentiable augmentation "
+    p.add_argument("--augment", type=augment_policy, default="translation", help="differentiable augmentation "
                    "of what the critic sees (Zhao et al. 2020): none, or a comma list of color, translation, cutout")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     defaults = {"sample_interval": 500, "ckpt_interval": 500, **(defaults or {})}
-    args = parse_run_flags(p, argv, defaults, batch_size=32, max_iters=4000)
+    args = parse_run_flags(p, argv, defaults, batch_size=32, max_iters=None)  # unset: 4000 (clip), 7000 (gp)
     resolve_mode_defaults(vars(args))
     if args.mode == "clip" and (args.beta1 is not None or args.beta2 is not None):
         fail("--beta1/--beta2 set Adam's betas, but --mode clip trains with RMSprop (Arjovsky et al.)")

@@ -51,7 +51,7 @@ HANDOUT_RUNS = {
                                   kl_weight=0.24, lr=2e-4, batch_size=64, max_iters=iterations(200, DLCV_FACES, 64))),
     "out/dcgan_celeba": ("dcgan", dict(DLCV_GAN, ngf=64, ndf=64, g_steps=2, max_iters=iterations(300, DLCV_FACES, 64))),
     "out/wgan_faces": ("wgan", dict(dataset="celeba/dlcv", img_size=64, batch_size=64, nz=100, ema_decay=0.0,
-                                    augment="none", mode="gp", ngf=64, ndf=64,
+                                    augment="none", mode="gp", ngf=64, ndf=64, n_critic=5, lr=1e-4,
                                     max_iters=iterations(300, DLCV_FACES, 64) // 5)),
     "out/acgan_smiling": ("cgan", dict(DLCV_GAN, model="acgan", attr="Smiling", ngf=64, ndf=64,
                                        max_iters=iterations(300, DLCV_FACES, 64))),
@@ -82,7 +82,8 @@ HANDOUT_RUNS = {
     # as one"; its GAN loss is mse on D's sigmoid (no batch size or length given).
     **{f"out/dcgan_depth{d}": ("dcgan", dict(DCGAN_HANDOUT, dataset="mnist", depth=d, nz=100, lr=3e-4, loss="sigmoid_mse"))
        for d in range(1, 6)},
-    **{f"out/wgan_depth{d}": ("wgan", dict(dataset="mnist", depth=d, nz=100, lr=3e-4, ema_decay=0.0, augment="none"))
+    **{f"out/wgan_depth{d}": ("wgan", dict(dataset="mnist", depth=d, nz=100, lr=3e-4, n_critic=5, ema_decay=0.0,
+                                           augment="none"))
        for d in range(1, 6)},
     **{f"out/vae_csi5340_depth{d}": ("vae", dict(arch="csi5340", depth=d, latent_dim=100, lr=3e-4, recon="mse_mean"))
        for d in range(1, 6)},
