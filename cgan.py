@@ -206,15 +206,16 @@ def labelled_cross_entropy(class_logits, labels):
     labelled = (labels >= 0).sum().clamp(min=1)
     return F.cross_entropy(class_logits, labels, ignore_index=-1, reduction="sum") / labelled
 
-def acgan_discriminator_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, real_labels, fake_labels):
+def acgan_discriminator_loss(real_logits, fake_logits, real_class_logits, fake_class_logits, real_labels, fake_labels,
+                             class_of_fakes=True):
     """D maximises L_S + L_C (Odena et al. eq. 2-3): the right source, and the right class of real (where labelled)
     and fake images. For a binary attribute the two-way softmax is the sigmoid cross-entropy on one logit."""
     return (gan_discriminator_loss(real_logits, fake_logits) + labelled_cross_entropy(real_class_logits, real_labels)
-            + F.cross_entropy(fake_class_logits, fake_labels))
+            + (F.cross_entropy(fake_class_logits, fake_labels) if class_of_fakes else 0))
 
-def acgan_generator_loss(fake_logits, fake_class_logits, fake_labels):
+def acgan_generator_loss(fake_logits, fake_class_logits, fake_labels, class_weight=1.0):
     """G maximises L_C - L_S (non-saturating): its fakes taken for real, of the class it asked for."""
-    return gan_generator_loss(fake_logits) + F.cross_entropy(fake_class_logits, fake_labels)
+    return gan_generator_loss(fake_logits) + class_weight * F.cross_entropy(fake_class_logits, fake_labels)
 
 def info_loss(q_out, z, config):
     """-L_I + H(c), the negative lower bound on I(c; G(z, c)) less c's constant entropy, summed over codes: the
@@ -317,6 +318,10 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
     p.add_argument("--augment", type=augment_policy, default="translation,cutout",
                    help="DiffAugment of what D sees: none, or a comma list of color, translation, cutout")
+    p.add_argument("--class_of_fakes", action=argparse.BooleanOptionalAction, default=False,
+                   help="ACGAN: D's class head also learns the fakes' classes, as in Odena et al.")
+    p.add_argument("--class_weight", type=number(float, 0), default=0.1, help="ACGAN: weight of G's class term "
+                   "(Odena et al.: 1); with the two defaults FID 44.5 -> 34.3 on the digits (docs/cgan.md)")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=8000)
     if args.nz is None:
@@ -378,7 +383,7 @@ def main(argv=None):
             fake_logits, fake_aux = (out.float() for out in D_train(diff_augment(fake.detach(), policy)))
             if acgan:
                 loss_D = acgan_discriminator_loss(real_logits, fake_logits, real_aux, fake_aux, real_labels,
-                                                  fake_labels)
+                                                  fake_labels, config["class_of_fakes"])
             else:  # --three_optimizers: the GAN loss alone (and a zero gradient for the Q head, for DDP)
                 info = unused(real_aux, fake_aux) if three else info_loss(fake_aux, z, config)
                 loss_D = gan_discriminator_loss(real_logits, fake_logits) + info
@@ -391,7 +396,7 @@ def main(argv=None):
         with autocast:
             fake_logits_G, fake_aux_G = (out.float() for out in D_judge(diff_augment(fake, policy)))
             if acgan:
-                loss_G = acgan_generator_loss(fake_logits_G, fake_aux_G, fake_labels)
+                loss_G = acgan_generator_loss(fake_logits_G, fake_aux_G, fake_labels, config["class_weight"])
             else:
                 loss_info = info_loss(fake_aux_G, z, config)
                 loss_G = gan_generator_loss(fake_logits_G) + (0 if three else loss_info)

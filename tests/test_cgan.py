@@ -126,6 +126,15 @@ def test_acgan_losses_match_their_formulas():
     assert torch.allclose(cgan.acgan_discriminator_loss(r, f, rc, fc, yr, yf), -(L_S_D + L_C))
     expected_G = -torch.log(torch.sigmoid(f)).mean() - log_p(fc, yf).mean()
     assert torch.allclose(cgan.acgan_generator_loss(f, fc, yf), expected_G)
+    # the defaults: D's class head learns the real images' classes only, and G's class term weighs 0.1
+    assert torch.allclose(cgan.acgan_discriminator_loss(r, f, rc, fc, yr, yf, class_of_fakes=False),
+                          -(L_S_D + log_p(rc, yr).mean()))
+    assert torch.allclose(cgan.acgan_generator_loss(f, fc, yf, class_weight=0.1),
+                          -torch.log(torch.sigmoid(f)).mean() - 0.1 * log_p(fc, yf).mean())
+    args = cgan.get_args([])
+    assert (args.class_of_fakes, args.class_weight) == (False, 0.1)
+    args = cgan.get_args(["--class_of_fakes", "--class_weight", "1"])  # Odena et al.'s, DLCV HW4's
+    assert (args.class_of_fakes, args.class_weight) == (True, 1.0)
     # a binary attribute: the 2-way softmax is DLCV HW4's sigmoid cross-entropy on the logit difference
     two = torch.randn(6, 2)
     y = torch.randint(0, 2, (6,))
@@ -419,7 +428,8 @@ def test_auxiliary_losses_teach_the_heads(tiny_mnist, tmp_path):
     task harder: 40 steps of tiny networks are then too few to tell learning from chance."""
     plain = ["--augment", "none", "--ema_decay", "0"]
     out = tmp_path / "acgan"
-    train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "40", "--log_interval", "10", "--lr", "1e-3", *plain, *TINY)
+    train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "40", "--log_interval", "10", "--lr", "1e-3", *plain,
+          "--class_of_fakes", "--class_weight", "1", *TINY)  # the paper's class terms: 40 steps suffice to see them work
     rows = read_log(out)
     assert rows[-1]["acc_real"] > 0.6 and rows[-1]["acc_real"] > rows[0]["acc_real"] + 0.2, rows
     assert rows[-1]["acc_fake"] > 0.5 and rows[-1]["acc_fake"] > rows[0]["acc_fake"] + 0.2, rows
@@ -794,7 +804,7 @@ def test_dtype_auto_takes_the_faster_precision_on_a_bfloat16_cpu(tiny_mnist, tmp
 
 INT_FLAGS = ["img_size", "nz", "cat_codes", "cat_dim", "cont_codes", "ngf", "ndf", "batch_size", "max_iters",
              "log_interval", "sample_interval", "ckpt_interval", "seed"]
-FLOAT_FLAGS = ["lambda_cat", "lambda_cont", "leaky_slope", "lr", "beta1", "beta2", "ema_decay"]
+FLOAT_FLAGS = ["lambda_cat", "lambda_cont", "class_weight", "leaky_slope", "lr", "beta1", "beta2", "ema_decay"]
 
 
 def numeric_flags(monkeypatch):
@@ -850,3 +860,16 @@ def test_fuzz_numeric_flags_end_normally_or_in_one_line(tiny_mnist, tmp_path, mo
     assert {("infogan", "cat_codes", "0"), ("acgan", "ema_decay", "0"), ("acgan", "seed", "-1"), ("acgan", "seed", "1000000000"),
             ("infogan", "lambda_cat", "1e9"), ("acgan", "log_interval", "1000000000")} <= ran, sorted(ran)
     assert "--nz: 0 is outside" in outcomes["acgan", "nz", "0"] and "--ngf: 1000000000 is outside" in outcomes["acgan", "ngf", "1000000000"]
+
+
+def test_class_flags_reach_the_training_loop(tiny_mnist, tmp_path, monkeypatch):
+    seen = []
+    original_D, original_G = cgan.acgan_discriminator_loss, cgan.acgan_generator_loss
+    monkeypatch.setattr(cgan, "acgan_discriminator_loss", lambda *a: seen.append(("D", a[-1])) or original_D(*a))
+    monkeypatch.setattr(cgan, "acgan_generator_loss", lambda *a: seen.append(("G", a[-1])) or original_G(*a))
+    common = ["--data_dir", tiny_mnist, "--max_iters", "1", "--dtype", "float32", *TINY]
+    train(*common, "--out_dir", tmp_path / "a")
+    assert seen == [("D", False), ("G", 0.1)]
+    seen.clear()
+    train(*common, "--out_dir", tmp_path / "b", "--class_of_fakes", "--class_weight", "0.3")
+    assert seen == [("D", True), ("G", 0.3)]
