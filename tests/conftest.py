@@ -45,6 +45,15 @@ def flat_state(state):
                          if torch.is_tensor(v) and "running" not in k and "num_batches" not in k})
     return flat
 
+def one_process_state(monkeypatch, module, train):
+    """flat_state of what train() (module.main in this process) trained, recorded as DDP_STATE_PROBE records a rank's."""
+    states, original_restore = [], module.restore
+    monkeypatch.setattr(module, "restore", lambda ckpt, config, state, *a: states.append(state)
+                        or original_restore(ckpt, config, state, *a))
+    train()
+    return flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
+                       for group, objects in states[0].items()})
+
 def make_tiny_mnist(root):
     """root/data holding 256 train and 64 test images of the embedded MNIST sample, every class present
     (the arrays are sorted by class, so take every 15th image rather than the first n) -> root/data."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, flat_state, make_tiny_mnist, run_script
+from conftest import REPO, flat_state, make_tiny_mnist, one_process_state, run_script
 
 sys.path.insert(0, str(REPO))
 import dcgan  # noqa: E402
@@ -641,12 +641,7 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):
     rank0, rank1 = (flat_state(torch.load(out / f"state_rank{r}.pt", weights_only=True)) for r in (0, 1))
     assert {k.split(".")[0] + "." + k.split(".")[1] for k in rank0} == {"models.G", "models.D", "optimizers.G", "optimizers.D"}
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    states, original_restore = [], dcgan.restore  # the same flags in one process, recorded as the probe does
-    monkeypatch.setattr(dcgan, "restore", lambda ckpt, config, state, *a: states.append(state)
-                        or original_restore(ckpt, config, state, *a))
-    dcgan.main(["--out_dir", str(tmp_path / "alone"), *common])
-    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
-                         for group, objects in states[0].items()})
+    single = one_process_state(monkeypatch, dcgan, lambda: dcgan.main(["--out_dir", str(tmp_path / "alone"), *common]))
     for network in ("models.G", "models.D"):
         assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 

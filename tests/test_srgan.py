@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import DDP_STATE_PROBE, REPO, flat_state, run_script
+from conftest import DDP_STATE_PROBE, REPO, flat_state, one_process_state, run_script
 
 sys.path.insert(0, str(REPO))
 import srgan  # noqa: E402
@@ -537,12 +537,7 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):
     groups = {".".join(k.split(".")[:2]) for k in rank0}
     assert groups == {"models.G", "models.D", "optimizers.G", "optimizers.D", "ema.G"}, groups
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    states, original_restore = [], srgan.restore  # the same flags in one process, recorded as the probe does
-    monkeypatch.setattr(srgan, "restore", lambda ckpt, config, state, *a: states.append(state)
-                        or original_restore(ckpt, config, state, *a))
-    run_main("--out_dir", tmp_path / "alone", *common)
-    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
-                         for group, objects in states[0].items()})
+    single = one_process_state(monkeypatch, srgan, lambda: run_main("--out_dir", tmp_path / "alone", *common))
     for network in ("models.G", "models.D"):
         assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 

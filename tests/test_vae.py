@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import DDP_STATE_PROBE, REPO, flat_state, make_tiny_mnist, run_script
+from conftest import DDP_STATE_PROBE, REPO, flat_state, make_tiny_mnist, one_process_state, run_script
 
 sys.path.insert(0, str(REPO))
 import vae  # noqa: E402
@@ -585,12 +585,7 @@ def test_torchrun_two_processes(shared_data, tmp_path, monkeypatch):
     groups = {".".join(k.split(".")[:2]) for k in rank0}
     assert groups == {"models.encoder", "models.decoder", "models.flow", "optimizers.vae"}, groups
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    states, original_restore = [], vae.restore  # the same flags in one process, recorded as the probe does
-    monkeypatch.setattr(vae, "restore", lambda ckpt, config, state, *a: states.append(state)
-                        or original_restore(ckpt, config, state, *a))
-    vae.main(["--out_dir", str(tmp_path / "alone"), *common])
-    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
-                         for group, objects in states[0].items()})
+    single = one_process_state(monkeypatch, vae, lambda: vae.main(["--out_dir", str(tmp_path / "alone"), *common]))
     for network in ("models.encoder", "models.decoder", "models.flow"):
         assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 

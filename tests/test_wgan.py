@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import REPO, flat_state, run_script
+from conftest import REPO, flat_state, one_process_state, run_script
 
 sys.path.insert(0, str(REPO))
 import wgan  # noqa: E402
@@ -684,12 +684,7 @@ def test_torchrun_two_processes(tiny_mnist, tmp_path, monkeypatch):
     rank0, rank1 = (flat_state(torch.load(out / f"state_rank{r}.pt", weights_only=True)) for r in (0, 1))
     assert {".".join(k.split(".")[:2]) for k in rank0} == {"models.G", "models.D", "optimizers.G", "optimizers.D", "ema.G"}
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    states, original_restore = [], wgan.restore  # the same flags in one process, recorded as the ranks did
-    monkeypatch.setattr(wgan, "restore", lambda ckpt, config, state, *a: states.append(state)
-                        or original_restore(ckpt, config, state, *a))
-    wgan.main([str(a) for a in ["--out_dir", tmp_path / "alone", *common]])
-    single = flat_state({group: {name: obj.state_dict() for name, obj in objects.items()}
-                         for group, objects in states[0].items()})
+    single = one_process_state(monkeypatch, wgan, lambda: wgan.main([str(a) for a in ["--out_dir", tmp_path / "alone", *common]]))
     for network in ("models.G", "models.D"):
         assert any(not torch.equal(single[k], rank0[k]) for k in rank0 if k.startswith(network)), network
 
