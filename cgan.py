@@ -5,7 +5,7 @@ InfoGAN (Chen et al. 2016): G gets latent codes, a Q head on D recovers them.
     python cgan.py --model infogan          # InfoGAN: 62 noise + one 10-way code + 2 continuous codes
     torchrun --nproc_per_node=2 cgan.py     # DistributedDataParallel
 
---out_dir gets ckpt.pt, samples/step_*.png, log.jsonl, curves.png, config.json.
+--out_dir gets ckpt.pt, samples/step_*.png, log.jsonl, config.json.
 """
 import argparse
 import copy
@@ -323,7 +323,7 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--class_weight", type=number(float, 0), default=0.1, help="ACGAN: weight of G's class term "
                    "(Odena et al.: 1); with the two defaults FID 44.5 -> 34.3 on the digits (docs/cgan.md)")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
-    args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=8000)
+    args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=5000)
     if args.nz is None:
         args.nz = 100 if args.model == "acgan" else 62
     if args.model == "infogan" and args.cat_codes + args.cont_codes == 0:
@@ -591,15 +591,15 @@ def check_finite(state, step, config):
         fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
              f"try a lower --lr")
 
-def save_checkpoint(config, step, state, data_gen, window, master):
+def save_checkpoint(config, step, state, data_gen, window, master, filename="ckpt.pt"):
     """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
-    full disk mid-save never leaves a torn ckpt.pt."""
+    full disk mid-save never leaves a torn checkpoint."""
     ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
     check_finite(ckpt, step, config)
-    path = os.path.join(config["out_dir"], "ckpt.pt")
+    path = os.path.join(config["out_dir"], filename)
     try:
         if master:
             buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly

@@ -237,14 +237,14 @@ def get_args(argv=None, defaults=None):
                    help="how G doubles the size: transposed conv, or resize then 3x3 conv")
     p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan", "sigmoid_mse"],
                    help="log-D trick, log(1 - D), least squares on D's score, or on D's sigmoid with D's loss halved")
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-4, help="Adam learning rate")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=4e-4, help="Adam lr (handouts: 2e-4)")
     p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
     p.add_argument("--d_steps", type=number(int, 1, 100), default=1, help="D updates per iteration")
     p.add_argument("--g_steps", type=number(int, 1, 100), default=1, help="G updates per iteration")
-    p.add_argument("--augment", type=augment_policy, default="translation,cutout", help="DiffAugment of D's inputs")
+    p.add_argument("--augment", type=augment_policy, default="translation", help="DiffAugment of D's inputs")
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
-    args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=10000)
+    args = parse_run_flags(p, argv, defaults, batch_size=64, max_iters=5000)
     if args.depth and args.arch == "mlp":
         fail(f"--depth {args.depth} sets the depth of the conv networks; --arch mlp has its own fixed layers")
     if args.depth and args.img_size % 2 ** args.depth:
@@ -488,15 +488,15 @@ def check_finite(state, step, config):
         fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
              f"try a lower --lr")
 
-def save_checkpoint(config, step, state, data_gen, window, master):
+def save_checkpoint(config, step, state, data_gen, window, master, filename="ckpt.pt"):
     """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
-    full disk mid-save never leaves a torn ckpt.pt."""
+    full disk mid-save never leaves a torn checkpoint."""
     ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
     check_finite(ckpt, step, config)
-    path = os.path.join(config["out_dir"], "ckpt.pt")
+    path = os.path.join(config["out_dir"], filename)
     try:
         if master:
             buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly

@@ -247,7 +247,7 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--ema_decay", type=FRACTION, default=0.999, help="G's weight average; 0: off")
     p.add_argument("--eval_images", type=number(int, 0), default=1000, help="test images for the test MSE; 0: all")
     args = parse_run_flags(p, argv, {"log_interval": 25, "sample_interval": 300, "ckpt_interval": 300,
-                                     **(defaults or {})}, batch_size=32, max_iters=1200)
+                                     **(defaults or {})}, batch_size=32, max_iters=700)
     if args.img_size != 64:
         fail(f"--img_size {args.img_size} is not supported: the networks take 64x64 (every dataset is resized to 64)")
     if args.ngf % 2:
@@ -500,15 +500,15 @@ def check_finite(state, step, config):
         fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
              f"try a lower --lr")
 
-def save_checkpoint(config, step, state, data_gen, window, master):
+def save_checkpoint(config, step, state, data_gen, window, master, filename="ckpt.pt"):
     """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
-    full disk mid-save never leaves a torn ckpt.pt."""
+    full disk mid-save never leaves a torn checkpoint."""
     ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
     check_finite(ckpt, step, config)
-    path = os.path.join(config["out_dir"], "ckpt.pt")
+    path = os.path.join(config["out_dir"], filename)
     try:
         if master:
             buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly

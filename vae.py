@@ -363,37 +363,21 @@ def reconstruction_grid(x, x_rec, cols=6):
     originals, reconstructions = x.unflatten(0, (-1, cols)), x_rec.unflatten(0, (-1, cols))
     return torch.cat([originals, torch.ones_like(originals[:, :1]), reconstructions], 1).flatten(0, 1)
 
-def draw_and_score(models, step, out_dir, fixed_noise, shown, test_data):
-    """The sample grid, 36 images beside their reconstructions, and the test MSE (None for an empty test split)."""
+def draw_and_score(models, step, out_dir, fixed_noise, shown, test_data, master):
+    """The sample grid and 36 images beside their reconstructions (rank 0), and the test MSE, rank 0's on every rank
+    so that all agree on saving ckpt_best.pt (None for an empty test split)."""
     for model in models.values():
         model.eval()
-    save_image(generate(models, fixed_noise), f"{out_dir}/samples/step_{step:06d}.png", nrow=6)
-    save_image(reconstruction_grid(shown, generate(models, encode(models, shown)[0])),
-               f"{out_dir}/reconstructions/step_{step:06d}.png", nrow=13)
-    mse = mse_of_reconstructions(models, test_data) if len(test_data) else None
+    if master:
+        save_image(generate(models, fixed_noise), f"{out_dir}/samples/step_{step:06d}.png", nrow=6)
+        save_image(reconstruction_grid(shown, generate(models, encode(models, shown)[0])),
+                   f"{out_dir}/reconstructions/step_{step:06d}.png", nrow=13)
+    mse = [mse_of_reconstructions(models, test_data) if len(test_data) else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(mse, src=0)
     for model in models.values():
         model.train()
-    return mse
-
-def save_best(config, step, state, data_gen, window):
-    """ckpt_best.pt, as save_checkpoint writes ckpt.pt; by rank 0 alone, which alone scores, so the check is its own."""
-    ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
-            **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-                    **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
-    if not all(t.isfinite().all() for t in tensors_in(ckpt) if t.is_floating_point()):
-        fail(f"non-finite weights by step {step}; the checkpoints in {config['out_dir']} are kept; try a lower --lr")
-    path = os.path.join(config["out_dir"], "ckpt_best.pt")
-    try:
-        buffer = io.BytesIO()  # serialised first, as save_checkpoint does: a full disk then fails in open()'s write
-        torch.save(ckpt, buffer)
-        with open(path + ".tmp", "wb") as f:
-            f.write(buffer.getbuffer())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        fail(f"cannot save {path} ({e.strerror or e}); the previous one is kept")
+    return mse[0]
 
 # -----------------------------------------------------------------------------
 # Training
@@ -500,8 +484,8 @@ def main(argv=None):
         if is_log or is_sample:  # an evaluation writes a log row too, with the test MSE
             check_finite(window, step, config)
             seconds = time.perf_counter() - t0  # the window's training time, without the evaluation
-            test_mse = (draw_and_score(models, step, out_dir, fixed_noise, shown, test_data)
-                        if is_sample and master else None)
+            test_mse = (draw_and_score(models, step, out_dir, fixed_noise, shown, test_data, master)
+                        if is_sample else None)
             if test_mse is not None:
                 window["test_mse"] = test_mse * window["steps"]  # write_log_row divides each sum by the steps
             if master:
@@ -509,7 +493,7 @@ def main(argv=None):
             window, timed = {}, 0
             if test_mse is not None and test_mse < best["test_mse"]:
                 best["test_mse"] = test_mse
-                save_best(config, step, state, data_gen, window)
+                save_checkpoint(config, step, state, data_gen, window, master, "ckpt_best.pt")
             if test_mse is not None and step == config["max_iters"]:
                 print(f"test MSE: {test_mse:.6f} (best {best['test_mse']:.6f}, kept in ckpt_best.pt)")
             t0 = time.perf_counter()  # the next window starts after the evaluation
@@ -673,15 +657,15 @@ def check_finite(state, step, config):
         fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
              f"try a lower --lr")
 
-def save_checkpoint(config, step, state, data_gen, window, master):
+def save_checkpoint(config, step, state, data_gen, window, master, filename="ckpt.pt"):
     """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
-    full disk mid-save never leaves a torn ckpt.pt."""
+    full disk mid-save never leaves a torn checkpoint."""
     ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
     check_finite(ckpt, step, config)
-    path = os.path.join(config["out_dir"], "ckpt.pt")
+    path = os.path.join(config["out_dir"], filename)
     try:
         if master:
             buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly

@@ -486,15 +486,15 @@ def check_finite(state, step, config):
         fail(f"non-finite loss or weights by step {step}; the last good checkpoint in {config['out_dir']} is kept; "
              f"try a lower --lr")
 
-def save_checkpoint(config, step, state, data_gen, window, master):
+def save_checkpoint(config, step, state, data_gen, window, master, filename="ckpt.pt"):
     """Check everything about to be saved, on every process, then write a temporary file and rename it: a kill or a
-    full disk mid-save never leaves a torn ckpt.pt."""
+    full disk mid-save never leaves a torn checkpoint."""
     ckpt = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "config": config, "step": step, "log_window": window,
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in state.items()},
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {})}}
     check_finite(ckpt, step, config)
-    path = os.path.join(config["out_dir"], "ckpt.pt")
+    path = os.path.join(config["out_dir"], filename)
     try:
         if master:
             buffer = io.BytesIO()  # serialised first: torch.save reports a full disk as a RuntimeError, open() clearly

@@ -264,7 +264,7 @@ def test_augmentation_changes_what_D_sees_never_the_samples(tiny_mnist, tmp_path
     monkeypatch.setattr(dcgan, "to_unit_range", lambda x: drawn.append(original_to_unit_range(x)) or drawn[-1])
     out = tmp_path / "run"
     dcgan.main(["--data_dir", str(tiny_mnist), "--out_dir", str(out), "--max_iters", "2", "--sample_interval", "2",
-                "--dtype", "float32", *TINY])
+                "--dtype", "float32", "--augment", "translation,cutout", *TINY])
     # D's first input of each iteration is the real batch: augmented, so not the batch that was drawn
     assert not torch.equal(seen[0], drawn[0]) and seen[0].shape == drawn[0].shape
     assert (seen[0] == 0).flatten(1).any(dim=1).all()  # a cut-out square in each image (uint8 / 127.5 - 1 is never 0)
@@ -521,10 +521,10 @@ def test_resume_takes_a_typed_flag_even_at_its_default(tiny_mnist, tmp_path, cap
     out = tmp_path / "run"
     common = ["--data_dir", str(tiny_mnist), "--out_dir", str(out), *TINY]
     dcgan.main(["--max_iters", "1", "--lr", "1e-3", *common])
-    dcgan.main(["--max_iters", "2", "--lr", "2e-4", "--resume", *common])  # 2e-4 is the default
+    dcgan.main(["--max_iters", "2", "--lr", "4e-4", "--resume", *common])  # 4e-4 is the default
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["config"]["lr"] == 2e-4
-    assert {g["lr"] for opt in ckpt["optimizers"].values() for g in opt["param_groups"]} == {2e-4}
+    assert ckpt["config"]["lr"] == 4e-4
+    assert {g["lr"] for opt in ckpt["optimizers"].values() for g in opt["param_groups"]} == {4e-4}
     assert "--ngf cannot change" in error_line(capsys, ["--max_iters", "3", "--resume", *common, "--ngf", "16"])
 
 
