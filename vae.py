@@ -364,15 +364,15 @@ def reconstruction_grid(x, x_rec, cols=6):
     return torch.cat([originals, torch.ones_like(originals[:, :1]), reconstructions], 1).flatten(0, 1)
 
 def draw_and_score(models, step, out_dir, fixed_noise, shown, test_data, master):
-    """The sample grid and 36 images beside their reconstructions (rank 0), and the test MSE, rank 0's on every rank
-    so that all agree on saving ckpt_best.pt (None for an empty test split)."""
+    """The sample grid, 36 images beside their reconstructions, and the test MSE (None for an empty test split): all
+    by rank 0, whose MSE every rank gets, so that all agree on saving ckpt_best.pt."""
     for model in models.values():
         model.eval()
     if master:
         save_image(generate(models, fixed_noise), f"{out_dir}/samples/step_{step:06d}.png", nrow=6)
         save_image(reconstruction_grid(shown, generate(models, encode(models, shown)[0])),
                    f"{out_dir}/reconstructions/step_{step:06d}.png", nrow=13)
-    mse = [mse_of_reconstructions(models, test_data) if len(test_data) else None]
+    mse = [mse_of_reconstructions(models, test_data) if master and len(test_data) else None]
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(mse, src=0)
     for model in models.values():
