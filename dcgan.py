@@ -512,7 +512,7 @@ def save_checkpoint(config, step, state, data_gen, window, master, filename="ckp
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
     check_format(ckpt)
-    models = build_models(ckpt["config"])
+    models = build_models({**vars(get_args([])), **ckpt["config"]})  # a flag newer than the run: its default
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
     return {name: model.to(device).eval() for name, model in models.items()}

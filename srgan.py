@@ -324,9 +324,14 @@ def main(argv=None):
         accumulate(window, loss_D=loss_D, loss_G=loss_G, recon=recon, adv=adv, D_x=D_x, D_G_y=D_G_y)
 
         is_log, is_sample, is_ckpt = (step % config[k] == 0 or step == config["max_iters"] for k in INTERVALS)
+        if is_log:
+            check_finite(window, step, config)
+            if master:
+                write_log_row(log_path, step, window, time.perf_counter() - t0, timed, config)
+            window, t0, timed = {}, time.perf_counter(), 0
         if ema and (is_sample or is_ckpt):  # the averaged weights need batch-norm statistics of their own
             update_bn((draw(idx)[1] for idx in bn_batches), ema["G"])
-        if is_sample and master:  # before the step's loss row, which stays its last
+        if is_sample and master:  # after the loss row, so that its time is not counted as training
             G.eval()
             triplets = torch.stack([fixed_low, upscale(ema or models, fixed_low), fixed_truth], 1)  # input|output|truth
             save_image(triplets.flatten(0, 1), f"{out_dir}/samples/step_{step:06d}.png", nrow=6, padding=2)
@@ -335,11 +340,6 @@ def main(argv=None):
                 write_test_row(log_path, step, ema or models, test_data, config)
             G.train()
             save_progress_strip(out_dir)
-        if is_log:
-            check_finite(window, step, config)
-            if master:
-                write_log_row(log_path, step, window, time.perf_counter() - t0, timed, config)
-            window, t0, timed = {}, time.perf_counter(), 0
         if is_ckpt:
             save_checkpoint(config, step, state, data_gen, window, master)
     if ddp:
@@ -524,7 +524,7 @@ def save_checkpoint(config, step, state, data_gen, window, master, filename="ckp
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
     check_format(ckpt)
-    models = build_models(ckpt["config"])
+    models = build_models({**vars(get_args([])), **ckpt["config"]})  # a flag newer than the run: its default
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
     return {name: model.to(device).eval() for name, model in models.items()}

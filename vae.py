@@ -93,10 +93,10 @@ class Decoder(nn.Module):
     """z -> fc, viewed as start -> net -> out: per pixel, logits (bce, mse), an image in [-1, 1] (tanh) or a logistic's
     mean and log-scale (dlogistic); out in float32 also under bf16 autocast. mse, mse_mean: it holds sigma."""
 
-    def __init__(self, fc, start, net, out, shape, recon, tanh=False):
+    def __init__(self, fc, start, net, out, shape, recon, tanh=False, mixture=1):
         super().__init__()
         self.fc, self.start, self.net, self.out, self.shape = fc, start, net, out, shape
-        self.recon, self.tanh = recon, tanh
+        self.recon, self.tanh, self.mixture = recon, tanh, mixture
         if recon in GAUSSIAN_RECON:
             self.log_sigma = nn.Parameter(torch.zeros(()))
 
@@ -185,7 +185,8 @@ def build_models(config):
     back. conv: strided 4x4 convs, batch norm, LeakyReLU 0.01, mirrored. csi5340: ReLU, a dense layer to h_dim that the
     decoder reads as its first map, and a 3x3 conv, batch norm, tanh at the end. Layer order fixes the seeded init."""
     c, size, latent, depth = config["channels"], config["img_size"], config["latent_dim"], config["depth"]
-    shape = (2 * c if config["recon"] == "dlogistic" else c, size, size)  # dlogistic: means and log-scales
+    mixture = config["mixture"]  # dlogistic: per pixel K means and log-scales, after K mixture logits where K > 1
+    shape = ((2 + (mixture > 1)) * mixture * c if config["recon"] == "dlogistic" else c, size, size)
     widths = [config["width"] * 2 ** i for i in range(depth)]
     side = size // 2 ** depth  # the encoder's convs end in widths[-1] x side x side
     down = lambda a, b: nn.Conv2d(a, b, 4, 2, 1, bias=False)  # noqa: E731
@@ -210,7 +211,7 @@ def build_models(config):
         last_conv = nn.Conv2d(widths[0] if depth > 1 else start[0], c, 3, 1, 1, bias=False)
         out = nn.Sequential(last_conv, nn.BatchNorm2d(c), nn.Tanh())
         fc, net = nn.Linear(latent, h_dim), nn.Sequential(*conv_stack(start[0], widths[-2::-1], up, relu))
-    decoder = Decoder(fc, start, net, out, shape, config["recon"], tanh=config["arch"] == "csi5340")
+    decoder = Decoder(fc, start, net, out, shape, config["recon"], config["arch"] == "csi5340", mixture)
     models = {"encoder": encoder, "decoder": decoder}
     if config["flow"] == "planar":
         models["flow"] = PlanarFlow(latent, config["flow_length"])
@@ -250,36 +251,45 @@ def continuous_bernoulli_log_norm(logits):
 def gaussian_nll(x, x_hat, log_sigma):
     return (0.5 * ((x - x_hat) * torch.exp(-log_sigma)) ** 2 + log_sigma + 0.5 * LOG_2PI).sum((-3, -2, -1))
 
-def discretised_logistic_log_likelihood(x, decoded):
-    """log P of the 8-bit levels of x, one logistic per pixel (Salimans et al. 2017, without their mixture): decoded
-    holds the means in [-1, 1] and the log-scales. Level k owns [c - 1/255, c + 1/255], c = 2k / 255 - 1, the edge
-    levels the tails; sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - e^-(a - b)) keeps it stable in float32."""
-    mean, log_scale = decoded.chunk(2, dim=-3)
-    level, inv_scale = pixel_levels(x), torch.exp(-log_scale.clamp(min=LOG_SCALE_MIN))
+def logistic_mixture(decoded, mixture):
+    """decoded -> (log mixture weights, means in [-1, 1], log-scales), each ... x K x C x H x W: the means and
+    log-scales of K logistics per pixel, after K mixture logits where K > 1."""
+    parts = decoded.unflatten(-3, (2 + (mixture > 1), mixture, -1)).unbind(-5)
+    log_weights = F.log_softmax(parts[0], -4) if mixture > 1 else torch.zeros_like(parts[0])
+    return log_weights, parts[-2], parts[-1].clamp(min=LOG_SCALE_MIN)
+
+def discretised_logistic_log_likelihood(x, decoded, mixture=1):
+    """log P of the 8-bit levels of x under a mixture of K logistics per pixel (Salimans et al. 2017, PixelCNN++, with
+    independent channels). Level k owns [c - 1/255, c + 1/255], c = 2k / 255 - 1, the edge levels the tails;
+    sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - e^-(a - b)) keeps it stable in float32."""
+    log_weights, mean, log_scale = logistic_mixture(decoded, mixture)
+    level, inv_scale = pixel_levels(x).unsqueeze(-4), torch.exp(-log_scale)
     upper = (level / 127.5 - 1 + 1 / 255 - mean) * inv_scale
     lower = (level / 127.5 - 1 - 1 / 255 - mean) * inv_scale
     interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(-2 / 255 * inv_scale))
     log_p = torch.where(level == 0, F.logsigmoid(upper), torch.where(level == 255, F.logsigmoid(-lower), interior))
-    return log_p.sum((-3, -2, -1))
+    return torch.logsumexp(log_weights + log_p, -4).sum((-3, -2, -1))
 
-def discretised_logistic_mean(decoded):
+def discretised_logistic_mean(decoded, mixture=1):
     """E[level] / 255 = the sum over the 255 bin edges t of P(level > t) = sigmoid((mean - t) / scale), over 255."""
-    mean, log_scale = decoded.chunk(2, dim=-3)
-    inv_scale, total = torch.exp(-log_scale.clamp(min=LOG_SCALE_MIN)), torch.zeros_like(mean)
+    log_weights, mean, log_scale = logistic_mixture(decoded, mixture)
+    inv_scale, total = torch.exp(-log_scale), torch.zeros_like(mean)
     for k in range(1, 256):  # the edge between levels k - 1 and k is at (2k - 1) / 255 - 1
         total += torch.sigmoid((mean - (2 * k - 1) / 255 + 1) * inv_scale)
-    return total / 255
+    return (log_weights.exp() * total).sum(-4) / 255
 
 def decoder_mean(decoder, decoded):
     if decoder.recon == "dlogistic":
-        return discretised_logistic_mean(decoded)
+        return discretised_logistic_mean(decoded, decoder.mixture)
     return (decoded + 1) / 2 if decoder.tanh else torch.sigmoid(decoded)
 
-def reconstruction_loss(kind, x, decoded, tanh=False):
+def reconstruction_loss(kind, x, decoded, tanh=False, mixture=1):
     """Summed BCE, -log P (dlogistic), or the squared error summed (mse) or averaged (mse_mean) over pixels, in the
     decoder's units: [0, 1] for sigmoid(logits), [-1, 1] for a tanh output (4 times the error in [0, 1] units)."""
-    if kind in ("bce", "dlogistic"):
-        return -(bernoulli_log_likelihood if kind == "bce" else discretised_logistic_log_likelihood)(x, decoded)
+    if kind == "dlogistic":
+        return -discretised_logistic_log_likelihood(x, decoded, mixture)
+    if kind == "bce":
+        return -bernoulli_log_likelihood(x, decoded)
     error = (decoded - (2 * x - 1)).pow(2) if tanh else (torch.sigmoid(decoded) - x).pow(2)
     return error.mean((-3, -2, -1)) if kind == "mse_mean" else error.sum((-3, -2, -1))
 
@@ -300,7 +310,7 @@ def posterior_samples(mu, logvar, h, flow, k):
         z, log_q = z.view(k, *mu.shape), log_q - logdet.view(k, -1)
     return z, log_q
 
-def vae_loss(models, x, recon_kind, kl_weight, k, tanh=False):
+def vae_loss(models, x, recon_kind, kl_weight, k, tanh=False, mixture=1):
     """Minus the bound, averaged over the batch -> (loss, reconstruction (N,), KL (N,), decoder output). k = 1 without a
     flow: reconstruction + kl_weight * KL in closed form. Else the IWAE bound (Burda et al.), log mean_j w_j with log
     w_j = -reconstruction(z_j) - kl_weight (log q(z_j|x) - log p(z_j)), a bound on log p(x) where kl_weight = 1."""
@@ -308,7 +318,7 @@ def vae_loss(models, x, recon_kind, kl_weight, k, tanh=False):
     mu, logvar, h = (t.float() for t in models["encoder"](x))
     z, log_q = posterior_samples(mu, logvar, h, flow, k)
     decoded = models["decoder"](z.flatten(0, 1)).float()
-    recon = reconstruction_loss(recon_kind, x, decoded.view(k, -1, *decoded.shape[1:]), tanh)  # (k, N)
+    recon = reconstruction_loss(recon_kind, x, decoded.view(k, -1, *decoded.shape[1:]), tanh, mixture)  # (k, N)
     if k == 1 and flow is None:
         kl = gaussian_kl(mu, logvar)
         return (recon[0] + kl_weight * kl).mean(), recon[0], kl, decoded
@@ -326,7 +336,7 @@ def log_likelihood(decoder, x, decoded):
     if decoder.recon == "bce":
         return bernoulli_log_likelihood(x, decoded) + continuous_bernoulli_log_norm(decoded)
     if decoder.recon == "dlogistic":
-        return discretised_logistic_log_likelihood(x, decoded) + x[0].numel() * math.log(256)
+        return discretised_logistic_log_likelihood(x, decoded, decoder.mixture) + x[0].numel() * math.log(256)
     return -gaussian_nll(x, decoder_mean(decoder, decoded), decoder.log_sigma)
 
 @torch.no_grad()
@@ -396,6 +406,7 @@ def get_args(argv=None, defaults=None):
                    help="how the conv decoders double the size: transposed conv, or resize then 3x3 conv")
     p.add_argument("--recon", default="bce", choices=["bce", "mse", "mse_mean", "dlogistic"],
                    help="p(x|z): Bernoulli, squared error summed or averaged over pixels, or discretised logistic")
+    p.add_argument("--mixture", type=number(int, 1, 256), default=1, help="--recon dlogistic: logistics per pixel")
     p.add_argument("--kl_weight", type=number(float, 0), default=1.0, help="weight of the KL term; 1: the ELBO")
     p.add_argument("--iw_k", type=number(int, 1, 1024), default=1, help="importance samples of the IWAE bound; 1: ELBO")
     p.add_argument("--flow", default="none", choices=["none", "planar", "iaf"], help="normalizing-flow posterior")
@@ -414,6 +425,8 @@ def get_args(argv=None, defaults=None):
     if args.arch == "csi5340" and args.h_dim % side ** 2:
         fail(f"--h_dim {args.h_dim} cannot be read as the decoder's first map, {side} x {side} pixels: use a multiple "
              f"of {side} x {side} = {side ** 2}")
+    if args.mixture > 1 and args.recon != "dlogistic":
+        fail(f"--mixture {args.mixture} is a mixture of logistics: it needs --recon dlogistic")
     if args.arch == "csi5340" and args.recon not in GAUSSIAN_RECON:
         fail(f"--recon {args.recon} needs a decoder of logits; --arch csi5340 ends in tanh: use --recon mse or "
              f"mse_mean")
@@ -450,7 +463,7 @@ def main(argv=None):
 
     def trial_step():  # copies of the networks on a fixed batch, leaving the random streams as they were
         with torch.random.fork_rng(devices=[]):
-            vae_loss(trial_nets, trial_x, recon, kl_weight, iw_k, decoder.tanh)[0].backward()
+            vae_loss(trial_nets, trial_x, recon, kl_weight, iw_k, decoder.tanh, decoder.mixture)[0].backward()
     autocast = choose_precision(config, device, trial_step)
     fixed_noise = fixed_randn(config["seed"], 36, config["latent_dim"]).to(device)  # the sample grids' latents
     shown = test_data if len(test_data) else data  # 36 images spread over the split (mnist5k's is sorted by class)
@@ -471,7 +484,7 @@ def main(argv=None):
         idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)
         x = to_unit_interval(data[idx]).contiguous(memory_format=memory_format)
         with autocast:
-            loss, rec, kl, decoded = vae_loss(nets, x, recon, kl_weight, iw_k, decoder.tanh)
+            loss, rec, kl, decoded = vae_loss(nets, x, recon, kl_weight, iw_k, decoder.tanh, decoder.mixture)
         # --recon mse, mse_mean: the decoder's sigma is fitted on the side, by a Gaussian NLL that reaches nothing else
         loss_sigma = decoder_sigma_loss(x, decoded, decoder.log_sigma, decoder.tanh) if sigma else 0
         optimizers["vae"].zero_grad(set_to_none=True)
@@ -681,7 +694,7 @@ def save_checkpoint(config, step, state, data_gen, window, master, filename="ckp
 def load_models(ckpt, device):
     """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
     check_format(ckpt)
-    models = build_models(ckpt["config"])
+    models = build_models({**vars(get_args([])), **ckpt["config"]})  # a flag newer than the run: its default
     for name, model in models.items():
         model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
     return {name: model.to(device).eval() for name, model in models.items()}

@@ -309,8 +309,8 @@ def test_training_writes_every_output(outputs_run):
                  "samples/step_000003.png", "samples/step_000006.png"):
         assert (out / name).exists(), name
     every = read_log(out, None)
-    assert [(r["step"], "test_mse" in r) for r in every] == [(2, False), (3, True), (4, False), (6, True), (6, False)]
-    rows = read_log(out)  # the losses' rows; at a sample step the test row comes first, the losses' row stays last
+    assert [(r["step"], "test_mse" in r) for r in every] == [(2, False), (3, True), (4, False), (6, False), (6, True)]
+    rows = read_log(out)  # the losses' rows; at a sample step the test row follows the losses' row
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert {"loss_D", "loss_G", "recon", "adv", "D_x", "D_G_y", "ms_per_step", "images_per_s"} <= set(rows[0])
     rows = read_log(out, "test_mse")

@@ -25,7 +25,7 @@ TINY_CONV = ["--arch", "conv", "--img_size", "32", "--depth", "2", "--width", "4
 
 def config(**kw):
     base = dict(channels=1, img_size=28, arch="mlp", hidden=400, latent_dim=20, depth=4, width=32, h_dim=1024,
-                upsample="convtranspose", recon="bce", flow="none", flow_length=2, flow_hidden=0)
+                upsample="convtranspose", recon="bce", mixture=1, flow="none", flow_length=2, flow_hidden=0)
     return {**base, **kw}
 
 
@@ -310,6 +310,23 @@ def test_discretised_logistic_mean_and_pixel_levels():
     assert torch.equal(vae.pixel_levels(k / 255), k)  # training images
     assert torch.equal(vae.pixel_levels((k + u) / 256), k)  # evaluate.py's dequantised images
     assert torch.equal(vae.pixel_levels(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 255.0]))
+
+
+def test_logistic_mixture_is_the_weighted_sum_of_its_components():
+    torch.manual_seed(0)
+    K = 3
+    logits, means, log_scales = torch.randn(K).double(), (torch.rand(K) * 2 - 1).double(), (torch.rand(K) * 4 - 6).double()
+    decoded = torch.cat([logits, means, log_scales]).view(1, 3 * K, 1, 1)  # --mixture 3: logits, means, log-scales
+    levels = torch.arange(256, dtype=torch.double)
+    log_p = vae.discretised_logistic_log_likelihood(levels.view(256, 1, 1, 1) / 255, decoded, K)
+    weights = torch.softmax(logits, 0)
+    expected = sum(w * vae.discretised_logistic_log_likelihood(levels.view(256, 1, 1, 1) / 255, logistic_params(m, s)).exp()
+                   for w, m, s in zip(weights, means.tolist(), log_scales.tolist()))
+    assert torch.allclose(log_p.exp(), expected, rtol=1e-9, atol=1e-15) and abs(log_p.exp().sum().item() - 1) < 1e-9
+    mean = vae.discretised_logistic_mean(decoded, K)
+    assert math.isclose(mean.item(), (expected * levels).sum().item() / 255, rel_tol=1e-9)
+    models = vae.build_models(config(hidden=32, latent_dim=4, recon="dlogistic", mixture=K))
+    assert models["decoder"](torch.randn(2, 4)).shape == (2, 3 * K, 28, 28) and models["decoder"].mixture == K
 
 
 def test_dlogistic_decoder_gives_exact_discrete_bits_per_dim():
@@ -626,10 +643,11 @@ def test_csi5340_trains_resumes_and_reports_through_the_interface(shared_data, t
     assert 0 < evaluate.bits_per_dim(vae, models, images[:4], 4, 4, "cpu") < 100
 
 
-def test_dlogistic_trains_and_reports_through_the_interface(shared_data, tmp_path):
+@pytest.mark.parametrize("mixture", [1, 3])
+def test_dlogistic_trains_and_reports_through_the_interface(shared_data, tmp_path, mixture):
     out = tmp_path / "run"
     vae.main(["--data_dir", str(shared_data), "--out_dir", str(out), "--max_iters", "8", "--log_interval", "4",
-              "--recon", "dlogistic", "--lr", "3e-3", *TINY])
+              "--recon", "dlogistic", "--mixture", str(mixture), "--lr", "3e-3", *TINY])
     rows = read_log(out)
     assert [r["step"] for r in rows] == [4, 8] and rows[1]["loss"] < rows[0]["loss"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -638,8 +656,12 @@ def test_dlogistic_trains_and_reports_through_the_interface(shared_data, tmp_pat
     z = vae.sample_latent(ckpt["config"], 3, "cpu")
     with torch.no_grad():
         decoded = models["decoder"](z)
-    assert decoded.shape == (3, 2, 28, 28)
-    assert torch.equal(vae.generate(models, z), vae.discretised_logistic_mean(decoded))  # the mean, in [0, 1]
+    assert decoded.shape == (3, 2 if mixture == 1 else 3 * mixture, 28, 28)
+    assert torch.equal(vae.generate(models, z), vae.discretised_logistic_mean(decoded, mixture))  # the mean, in [0, 1]
+    if mixture == 1:  # a checkpoint from before --mixture existed (its config lacks it) loads with the default
+        old = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "mixture"}}
+        with torch.no_grad():
+            assert torch.equal(vae.load_models(old, "cpu")["decoder"](z), decoded)
 
 
 def test_bfloat16_trains_a_few_steps(dtype_runs):
@@ -794,7 +816,7 @@ def test_missing_dataset_names_prepare_command(tmp_path, capsys):
     (["--arch", "conv", "--width", "0"], "--width: 0 is outside"), (["--flow", "iaf", "--flow_length", "0"], "--flow_length: 0 is outside"),
     (["--flow_hidden", "-2"], "--flow_hidden: -2 is outside"), (["--arch", "csi5340", "--depth", "2", "--h_dim", "1000", "--max_iters", "1"], "use a multiple of 16 x 16 = 256"),
     (["--arch", "csi5340", "--max_iters", "1"], "--recon bce needs a decoder of logits; --arch csi5340 ends in tanh: use --recon mse or mse_mean"),
-    (["--arch", "csi5340", "--recon", "dlogistic", "--max_iters", "1"], "--arch csi5340 ends in tanh"), (["--arch", "csi5340", "--h_dim", "0"], "--h_dim: 0 is outside"),
+    (["--arch", "csi5340", "--recon", "dlogistic", "--max_iters", "1"], "--arch csi5340 ends in tanh"), (["--mixture", "3"], "needs --recon dlogistic"), (["--arch", "csi5340", "--h_dim", "0"], "--h_dim: 0 is outside"),
     (["--log_interval", "0"], "--log_interval: 0 is outside"), (["--sample_interval", "-1"], "--sample_interval: -1 is outside"),
     (["--ckpt_interval", "0"], "--ckpt_interval: 0 is outside"), (["--lr", "0"], "--lr: 0 is outside"),
     (["--map_attr", "Male"], "unrecognized arguments: --map_attr Male"), (["--latent_map", "pca"], "unrecognized arguments"),
@@ -974,7 +996,7 @@ INT_FLAGS = {"img_size": [], "latent_dim": [], "hidden": [], "batch_size": [], "
              "sample_interval": [], "ckpt_interval": [], "seed": [], "iw_k": [],
              "depth": ["--arch", "conv", "--img_size", "32", "--width", "4"], "width": ["--arch", "conv", "--depth", "2"],
              "h_dim": ["--arch", "csi5340", "--depth", "2", "--width", "4", "--recon", "mse"],
-             "flow_length": ["--flow", "iaf"], "flow_hidden": ["--flow", "iaf"]}
+             "flow_length": ["--flow", "iaf"], "flow_hidden": ["--flow", "iaf"], "mixture": ["--recon", "dlogistic"]}
 FLOAT_FLAGS = {"kl_weight": [], "lr": [], "beta1": [], "beta2": []}
 
 
