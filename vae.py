@@ -90,8 +90,8 @@ class Encoder(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h), h
 
 class Decoder(nn.Module):
-    """z -> fc, viewed as start -> net -> out: per pixel, logits (bce, mse), an image in [-1, 1] (tanh) or a logistic's
-    mean and log-scale (dlogistic); out in float32 also under bf16 autocast. mse, mse_mean: it holds sigma."""
+    """z -> fc, viewed as start -> net -> out: per pixel, logits (bce, mse), an image in [-1, 1] (tanh) or logistics'
+    means and log-scales (dlogistic: logistic_mixture); float32 out under bf16 too. mse, mse_mean: it holds sigma."""
 
     def __init__(self, fc, start, net, out, shape, recon, tanh=False, mixture=1):
         super().__init__()
