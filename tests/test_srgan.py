@@ -362,6 +362,19 @@ def test_ema_generator_is_saved_and_loaded(outputs_run, tiny_mnist, tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["models"]["G"].items())
 
 
+def test_saved_ema_batchnorm_stats_belong_to_the_averaged_weights(outputs_run):
+    ckpt = torch.load(outputs_run / "ckpt.pt", weights_only=True)
+    config = ckpt["config"]
+    G = srgan.load_models(ckpt, "cpu")["G"]  # the averaged weights with their saved statistics
+    saved = {k: v.clone() for k, v in G.state_dict().items() if "running" in k}
+    data, _ = srgan.real_images(config, "train")
+    batches = torch.randint(0, len(data), (10, config["batch_size"]), generator=torch.Generator().manual_seed(config["seed"]))
+    srgan.update_bn((srgan.degrade(data[i].float().div(255), config).mul(2).sub(1) for i in batches), G)  # replayed
+    for key, value in saved.items():
+        assert torch.allclose(value, G.state_dict()[key], atol=1e-5), key
+        assert not torch.allclose(value, ckpt["models"]["G"][key], atol=1e-3), key  # not the trained G's statistics
+
+
 def test_sampling_leaves_the_training_streams_untouched(data_dir, straight_run, tmp_path):
     # the EMA's batch-norm statistics are recomputed on fixed-seed batches at every sample and checkpoint step; the
     # straight run's first checkpoint and grid come after step 4's losses

@@ -491,6 +491,17 @@ def test_training_writes_every_output(trained, monkeypatch):
     assert Image.open(out / "samples/step_000006.png").size == (6 * 34 + 2, 6 * 34 + 2)  # 6x6 grid, 2 px padding
 
 
+def test_saved_ema_batchnorm_stats_belong_to_the_averaged_weights(trained):
+    ckpt = torch.load(trained / "out" / "wgan" / "ckpt.pt", weights_only=True)
+    G = wgan.load_models(ckpt, "cpu")["G"]  # the averaged weights with their saved statistics
+    saved = {k: v.clone() for k, v in G.state_dict().items() if "running" in k}
+    config = ckpt["config"]
+    wgan.update_bn(wgan.fixed_randn(config["seed"] + 1, 10, config["batch_size"], config["nz"]), G)  # replayed
+    for key, value in saved.items():
+        assert torch.allclose(value, G.state_dict()[key], atol=1e-5), key
+        assert not torch.allclose(value, ckpt["models"]["G"][key], atol=1e-3), key  # not the trained G's statistics
+
+
 def test_the_averaged_generator_is_saved_used_for_grids_and_loaded(trained, tmp_path):
     import numpy as np
     from PIL import Image
