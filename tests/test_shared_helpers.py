@@ -17,7 +17,7 @@ SCRIPTS = {"dcgan": dcgan, "wgan": wgan, "cgan": cgan, "srgan": srgan, "vae": va
 BANNER = "# Run plumbing, the same in every model script"
 PLUMBING = ["number", "parse_run_flags", "parse_config", "setup_distributed", "train_data", "cpu_computes_bfloat16",
             "time_trial", "choose_precision", "fixed_randn", "restore", "check_format", "check_finite", "save_checkpoint", "load_models",
-            "prepare_out_dir", "accumulate", "write_log_row", "fail"]
+            "prepare_out_dir", "accumulate", "write_log_row", "save_grid", "fail"]
 USED_BY = {name: list(SCRIPTS) for name in ["load_images", "resize_uint8"]}
 USED_BY.update({name: ["dcgan", "wgan", "cgan"] for name in ["augment_color", "augment_translation", "augment_cutout",
                                                               "diff_augment", "augment_policy", "to_unit_range"]})
@@ -59,3 +59,21 @@ def test_folder_dataset_hint_names_a_prepare_script_that_exists(script, tmp_path
         SCRIPTS[script].load_images(str(REPO / "data"), "folder/my_photos", "train", 32)
     hint = str(error.value).split("make it with: python ")[1]
     assert (REPO / hint).is_file() or (REPO / hint.replace(str(REPO) + "/", "")).is_file(), hint
+
+
+@pytest.mark.parametrize("shape,nrow", [((36, 1, 8, 8), 6), ((7, 3, 5, 4), 3), ((2, 1, 6, 6), 6), ((30, 1, 4, 4), 13)])
+def test_save_grid_writes_torchvision_save_image_picture(tmp_path, shape, nrow):
+    import torch
+    from PIL import Image
+    from torchvision.utils import save_image
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    dcgan.save_grid(images, tmp_path / "ours.png", nrow=nrow)
+    save_image(images, tmp_path / "torchvision.png", nrow=nrow)
+    assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "torchvision.png").read_bytes()
+    assert Image.open(tmp_path / "ours.png").mode == "RGB"
+
+
+def test_model_scripts_start_without_torchvision():
+    import subprocess
+    code = "import sys; sys.path.insert(0, '.'); import dcgan, wgan, cgan, srgan, vae; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).stdout == "False\n"
