@@ -378,7 +378,7 @@ QUALITY_RUNS = [  # (name, the command a user runs)
     ("cgan", ["cgan.py"]),
     ("srgan", ["srgan.py"]),
     ("vae", ["vae.py"]),
-    ("vae dlogistic", ["vae.py", "--arch", "conv", "--img_size", "28", "--depth", "2", "--latent_dim", "32",
+    ("vae dlogistic", ["vae.py", "--arch", "conv", "--img_size", "28", "--depth", "2", "--latent_dim", "64",
                        "--recon", "dlogistic", "--mixture", "3", "--flow", "iaf", "--lr", "2e-3", "--max_iters", "5000"]),
 ]
 
