@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
 SCRIPT = "dcgan"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: D's lr scale and the lr decay (--d_lr_scale, --lr_decay)
 
 # -----------------------------------------------------------------------------
 # Data: data/<dataset>/{train,test}.npy, uint8 N x H x W x C, held on the device
@@ -213,6 +213,10 @@ def augment_policy(text):
         raise argparse.ArgumentTypeError(f"{text}: use none or a comma list of {', '.join(AUGMENTATIONS)}")
     return policy
 
+def lr_factor(step, config):
+    """1, then a linear fall to 0 over the last --lr_decay of training (1 throughout with --lr_decay 0)."""
+    return min(1.0, (config["max_iters"] - step) / (config["lr_decay"] * config["max_iters"] or 1))
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     """ema <- decay * ema + (1 - decay) * weights, for every parameter."""
@@ -236,7 +240,11 @@ def get_args(argv=None, defaults=None):
                    help="how G doubles the size: transposed conv, or resize then 3x3 conv")
     p.add_argument("--loss", default="nonsaturating", choices=["nonsaturating", "minimax", "lsgan", "sigmoid_mse"],
                    help="log-D trick, log(1 - D), least squares on D's score, or on D's sigmoid with D's loss halved")
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=4e-4, help="Adam lr (handouts: 2e-4)")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=4e-4, help="G's Adam lr (handouts: 2e-4)")
+    p.add_argument("--d_lr_scale", type=number(float, 0, low_open=True), default=2.0,
+                   help="D's lr over G's (two time-scale update rule, Heusel et al. 2017; handouts: 1)")
+    p.add_argument("--lr_decay", type=number(float, 0, 1), default=0.5,
+                   help="the last fraction of training, over which both lrs fall linearly to 0 (handouts: 0)")
     p.add_argument("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=FRACTION, default=0.999, help="Adam beta2")
     p.add_argument("--d_steps", type=number(int, 1, 100), default=1, help="D updates per iteration")
@@ -265,8 +273,9 @@ def main(argv=None):
     if rank:  # from here each rank draws its own noise; rank 0 goes on as a single process does
         torch.manual_seed(config["seed"] + rank)
     G, D = models["G"], models["D"]
-    optimizers = {name: torch.optim.Adam(m.parameters(), config["lr"], (config["beta1"], config["beta2"]))
-                  for name, m in models.items()}
+    lr_scales = {"G": 1, "D": config["d_lr_scale"]}  # each step's lr: config["lr"] * lr_scale * lr_factor(step)
+    optimizers = {name: torch.optim.Adam([{"params": m.parameters(), "lr_scale": lr_scales[name]}], config["lr"],
+                                         (config["beta1"], config["beta2"])) for name, m in models.items()}
     ema = {"G": copy.deepcopy(G).eval().requires_grad_(False)} if config["ema_decay"] else {}
     data_gen = torch.Generator().manual_seed(config["seed"] + 1000 + rank)
     state = {"models": models, "optimizers": optimizers, "ema": ema}  # what a checkpoint holds and restores
@@ -283,6 +292,8 @@ def main(argv=None):
     log_path = prepare_out_dir(config, step) if master else None
     t0, timed = time.perf_counter(), 0
     while step < config["max_iters"]:
+        for group in (g for optimizer in optimizers.values() for g in optimizer.param_groups):
+            group["lr"] = config["lr"] * group["lr_scale"] * lr_factor(step, config)
         # (1) Update D: maximise log D(x) + log(1 - D(G(z))) (or the least-squares form)
         for d_step in range(config["d_steps"]):
             idx = torch.randint(0, len(data), (local_batch,), generator=data_gen).to(device)

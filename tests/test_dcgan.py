@@ -223,6 +223,23 @@ def test_csi5340_loss_is_mse_on_the_sigmoid_with_d_halved():
 # --- training aids: augmentation, EMA, dtype -----------------------------------------------
 
 
+def test_lr_factor_holds_then_falls_linearly_to_zero():
+    config = {"max_iters": 1000, "lr_decay": 0.5}
+    assert [dcgan.lr_factor(step, config) for step in (0, 499, 500, 750, 999)] == [1.0, 1.0, 1.0, 0.5, 0.002]
+    assert {dcgan.lr_factor(step, {**config, "lr_decay": 0.0}) for step in range(1000)} == {1.0}  # the handouts'
+
+
+def test_d_learns_at_twice_g_lr_and_both_decay(trained):
+    """The defaults: D's lr is --d_lr_scale times G's, and both fall over the last half of the 6 steps; the last
+    update (step 5 of 6) used a third of each."""
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    lr = ckpt["config"]["lr"]
+    assert ckpt["config"]["d_lr_scale"] == 2.0 and ckpt["config"]["lr_decay"] == 0.5
+    assert ckpt["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(lr / 3)
+    assert ckpt["optimizers"]["D"]["param_groups"][0]["lr"] == pytest.approx(2 * lr / 3)
+
+
+
 def test_translation_moves_pixels_and_cutout_zeroes_a_square():
     torch.manual_seed(0)
     x = torch.rand(64, 2, 16, 16) + 0.5  # no zeros, so a zeroed pixel was cut out
@@ -525,7 +542,8 @@ def test_resume_takes_a_typed_flag_even_at_its_default(tiny_mnist, tmp_path, cap
     dcgan.main(["--max_iters", "2", "--lr", "4e-4", "--resume", *common])  # 4e-4 is the default
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["lr"] == 4e-4
-    assert {g["lr"] for opt in ckpt["optimizers"].values() for g in opt["param_groups"]} == {4e-4}
+    lrs = {name: opt["param_groups"][0]["lr"] for name, opt in ckpt["optimizers"].items()}
+    assert lrs == {"G": 4e-4, "D": 8e-4}  # D at --d_lr_scale 2; step 1 of 2 is before the decay
     assert "--ngf cannot change" in error_line(capsys, ["--max_iters", "3", "--resume", *common, "--ngf", "16"])
 
 
@@ -688,9 +706,9 @@ def test_old_format_checkpoint_is_refused_in_one_line(trained, data_dir, tmp_pat
     torch.save(ckpt, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
     proc = run_script("dcgan.py", "--max_iters", "7", "--resume", *common, check=False)
-    assert "not a format-2 dcgan checkpoint" in one_error_line(proc)
+    assert "not a format-3 dcgan checkpoint" in one_error_line(proc)
     assert (out / "ckpt.pt").read_bytes() == before
-    with pytest.raises(ValueError, match="format-2"):
+    with pytest.raises(ValueError, match="format-3"):
         dcgan.load_models(ckpt, "cpu")
 
 

@@ -27,8 +27,9 @@ CIS680_FACES = 20_000   # CIS 680's super-resolution split: 20k train / 1k test
 CELEBA_TRAIN = 192_469  # all 202,599 CelebA faces less data/celeba/prepare.py's default 5 % test split
 CELEBA_EPOCHS = 25      # the 2018 assignment gives no length: 25 epochs, DCGAN-tensorflow's default
 
-DCGAN_HANDOUT = dict(lr=2e-4, beta1=0.5, ema_decay=0.0, augment="none")
-DLCV_GAN = dict(DCGAN_HANDOUT, dataset="celeba/dlcv", img_size=64, batch_size=64, nz=100, leaky_slope=0.1)
+GAN_HANDOUT = dict(lr=2e-4, beta1=0.5, ema_decay=0.0, augment="none")
+DCGAN_HANDOUT = dict(GAN_HANDOUT, d_lr_scale=1.0, lr_decay=0.0)  # one lr, constant
+DLCV_GAN = dict(GAN_HANDOUT, dataset="celeba/dlcv", img_size=64, batch_size=64, nz=100, leaky_slope=0.1)
 
 HANDOUT_RUNS = {
     # The MNIST DCGAN homework: latent-dim and hidden-dim 16 by default, then 100 (four runs), and an MLP GAN.
@@ -49,7 +50,7 @@ HANDOUT_RUNS = {
     # ACGAN 1:1, 300 epochs, noise 100 + the smile bit; InfoGAN 64 noise + five 10-way codes, 300 epochs.
     "out/vae_faces": ("vae", dict(dataset="celeba/dlcv", img_size=64, arch="conv", depth=4, latent_dim=512, recon="mse",
                                   kl_weight=0.24, lr=2e-4, batch_size=64, max_iters=iterations(200, DLCV_FACES, 64))),
-    "out/dcgan_celeba": ("dcgan", dict(DLCV_GAN, ngf=64, ndf=64, g_steps=2, max_iters=iterations(300, DLCV_FACES, 64))),
+    "out/dcgan_celeba": ("dcgan", dict(DLCV_GAN, d_lr_scale=1.0, lr_decay=0.0, ngf=64, ndf=64, g_steps=2, max_iters=iterations(300, DLCV_FACES, 64))),
     "out/wgan_faces": ("wgan", dict(dataset="celeba/dlcv", img_size=64, batch_size=64, nz=100, ema_decay=0.0,
                                     augment="none", mode="gp", ngf=64, ndf=64, n_critic=5, lr=1e-4,
                                     max_iters=iterations(300, DLCV_FACES, 64) // 5)),
