@@ -698,11 +698,16 @@ def real_data(module, config, split):
                          f"{len(images):,} images; remake it with: python {prepare}")
     return images, labels
 
-def load_models(module, ckpt, path, device):
-    """module.load_models, with what a checkpoint of the wrong kind raises (a state dict that does not fit,
-    a config without the script's entries) turned into one line."""
+def load_models(module, ckpt, device, path="the checkpoint"):
+    """The networks of a checkpoint of `module`'s, in eval mode, G (or the decoder) with the averaged (EMA) weights
+    where the run kept them; a checkpoint of the wrong kind (a state dict that does not fit, a config without the
+    script's entries) raises one line."""
+    module.check_format(ckpt)
     try:
-        return module.load_models(ckpt, device)
+        models = module.build_models({**vars(module.get_args([])), **ckpt["config"]})  # a newer flag: its default
+        for name, model in models.items():
+            model.load_state_dict(ckpt.get("ema", {}).get(name, ckpt["models"][name]))
+        return {name: model.to(device).eval() for name, model in models.items()}
     except (OSError, ValueError):  # the scripts' own messages
         raise
     except Exception as e:  # load_state_dict's RuntimeError, a missing config key, ...
@@ -1115,7 +1120,7 @@ def evaluate_checkpoint(args):
     module = import_script(ckpt["script"], args.script)
     kinds = model_kinds(module)
     metrics = choose_metrics(args.metrics, kinds, f"{ckpt['script']}.py")
-    models = load_models(module, ckpt, args.ckpt, args.device)
+    models = load_models(module, ckpt, args.device, args.ckpt)
     images, labels = real_data(module, config, args.split)
     if args.class_id is not None:  # the samples of one class, against the real images of that class
         n_classes = int(config.get("n_classes") or 0)

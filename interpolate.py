@@ -278,7 +278,7 @@ def compare_grid(args):
         if not (hasattr(module, "sample_latent") and hasattr(module, "generate")):
             raise ValueError(f"--compare {path}: {ckpt['script']}.py has no latent space to draw")
         config = {**ckpt["config"], "step": ckpt.get("step")}
-        runs.append((path, module, load_models(module, ckpt, path, args.device), config))
+        runs.append((path, module, load_models(module, ckpt, args.device, path), config))
     latents = [module.sample_latent(config, args.n_noise, args.device,
                                     generator=torch.Generator(device=args.device).manual_seed(args.seed))
                for _, module, _, config in runs]
@@ -580,7 +580,7 @@ def main(argv=None):
         else:
             ckpt = load_checkpoint(args.ckpt)
             module = import_script(ckpt["script"], args.script)
-            models = load_models(module, ckpt, args.ckpt, args.device)
+            models = load_models(module, ckpt, args.device, args.ckpt)
             config = {**ckpt["config"], "script": ckpt["script"]}
             if args.data_dir is not None:
                 config["data_dir"] = args.data_dir

@@ -9,15 +9,7 @@ dlogistic). Notes: docs/vae.md.
 
 A run writes to --out_dir: ckpt.pt, ckpt_best.pt (lowest test MSE), samples/, reconstructions/, log.jsonl, config.json.
 """
-import argparse
-import copy
-import io
-import json
-import math
-import os
-import sys
-import time
-import timeit
+import argparse, copy, io, json, math, os, sys, time, timeit
 
 import numpy as np
 import torch
@@ -525,10 +517,9 @@ def number(cast, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite cast(text) from low to high, each end included unless open."""
     def parse(text):
         value = cast(text)
-        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)
-                and not (high_open and value == high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}"
-                                             f"{')' if high_open else ']'}")
+        above, below = (value > low if low_open else value >= low), (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'[('[low_open]}{low}, {high}{'])'[high_open]}")
         return value
     return parse
 
@@ -689,14 +680,6 @@ def save_checkpoint(config, step, state, data_gen, window, master, filename="ckp
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         fail(f"cannot save {path} ({e.strerror or e}); the previous checkpoint is kept")
-
-def load_models(ckpt, device):
-    """The networks of a checkpoint, in eval mode; G holds the averaged (EMA) weights when the run kept them."""
-    check_format(ckpt)
-    models = build_models({**vars(get_args([])), **ckpt["config"]})  # a flag newer than the run: its default
-    for name, model in models.items():
-        model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
-    return {name: model.to(device).eval() for name, model in models.items()}
 
 def prepare_out_dir(config, step):
     """samples/, config.json, and log.jsonl holding the rows up to `step` (none for a new run)."""

@@ -18,6 +18,7 @@ from conftest import REPO, make_tiny_mnist, run_script
 
 sys.path.insert(0, str(REPO))
 import cgan  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch_size", "16", "--device", "cpu"]
 TIMING = ("ms_per_step", "images_per_s")
@@ -245,7 +246,7 @@ def test_three_optimizers_resume_and_refusals(tiny_mnist, tmp_path, capsys):
     train("--max_iters", "2", "--three_optimizers", *common)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["three_optimizers"] is True and ckpt["config"]["leaky_slope"] == 0.1
-    models = cgan.load_models(ckpt, "cpu")
+    models = load_models(cgan, ckpt, "cpu")
     assert {m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
     train("--max_iters", "3", "--resume", *common)  # the checkpoint's config brings the flag back
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -342,7 +343,7 @@ def test_ema_generator_is_saved_drawn_and_returned_by_load_models(tiny_mnist, tm
     out = tmp_path / "run"
     train("--data_dir", tiny_mnist, "--out_dir", out, "--max_iters", "4", "--sample_interval", "4", "--dtype", "float32", *TINY)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    G = cgan.load_models(ckpt, "cpu")["G"]
+    G = load_models(cgan, ckpt, "cpu")["G"]
     for key, value in G.state_dict().items():
         assert torch.equal(value, ckpt["ema"]["G"][key]), key
     for key in ("1.weight", "2.running_mean"):  # averaged weights, and batch-norm statistics of their own
@@ -352,7 +353,7 @@ def test_ema_generator_is_saved_drawn_and_returned_by_load_models(tiny_mnist, tm
     trained, averaged = ckpt["models"]["G"]["1.weight"], ckpt["ema"]["G"]["1.weight"]
     assert (averaged - trained).norm() < 0.5 * (initial - trained).norm()  # the short warm-up follows the weights
     # those statistics: update_bn over G's full input (latents and classes, drawn as in training) from a fixed seed
-    cfg, recomputed = ckpt["config"], cgan.load_models(ckpt, "cpu")["G"]
+    cfg, recomputed = ckpt["config"], load_models(cgan, ckpt, "cpu")["G"]
     inputs = cgan.fixed_inputs(cfg, 10, 16, cfg["seed"] + 1)
     assert inputs.shape == (10, 16, 16 + 10) and torch.equal(inputs[:, :, 16:].sum(-1), torch.ones(10, 16))
     assert len(set(inputs[:, :, 16:].argmax(-1).flatten().tolist())) == 10  # every class asked for
@@ -377,7 +378,7 @@ def test_ema_generator_is_saved_drawn_and_returned_by_load_models(tiny_mnist, tm
     train("--model", "infogan", "--data_dir", tiny_mnist, "--out_dir", off, "--max_iters", "2", "--ema_decay", "0", *TINY)
     ckpt = torch.load(off / "ckpt.pt", weights_only=True)
     assert ckpt["ema"] == {}
-    G = cgan.load_models(ckpt, "cpu")["G"]
+    G = load_models(cgan, ckpt, "cpu")["G"]
     assert all(torch.equal(v, ckpt["models"]["G"][k]) for k, v in G.state_dict().items())
 
 
@@ -412,7 +413,7 @@ def test_acgan_run_writes_every_output(tiny_mnist, tmp_path, monkeypatch):
     cfg = ckpt["config"]
     assert ckpt["script"] == "cgan" and ckpt["step"] == 4
     assert cfg["n_classes"] == 10 and cfg["class_names"] == [str(c) for c in range(10)] and cfg["channels"] == 1
-    models = cgan.load_models(ckpt, "cpu")
+    models = load_models(cgan, ckpt, "cpu")
     z = cgan.sample_latent(cfg, 4, "cpu")
     images = cgan.generate(models, z, torch.tensor([0, 1, 2, 3]))
     assert images.shape == (4, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
@@ -435,7 +436,7 @@ def test_auxiliary_losses_teach_the_heads(tiny_mnist, tmp_path):
     assert rows[-1]["acc_real"] > 0.6 and rows[-1]["acc_real"] > rows[0]["acc_real"] + 0.2, rows
     assert rows[-1]["acc_fake"] > 0.5 and rows[-1]["acc_fake"] > rows[0]["acc_fake"] + 0.2, rows
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    D = cgan.load_models(ckpt, "cpu")["D"]
+    D = load_models(cgan, ckpt, "cpu")["D"]
     images, labels = cgan.real_images(ckpt["config"], "test")  # digits D never saw
     with torch.no_grad():
         accuracy = (D(cgan.to_unit_range(images))[1].argmax(1) == labels).float().mean()
@@ -712,8 +713,8 @@ def test_old_format_checkpoint_is_refused_in_one_line(tiny_mnist, acgan_run, tmp
             assert "is not a format-2 cgan checkpoint" in error_line(capsys, "--max_iters", "3", "--resume", *common)
         assert (out / "ckpt.pt").read_bytes() == saved
         with pytest.raises(ValueError, match="not a format-2 cgan checkpoint"):
-            cgan.load_models(old, "cpu")
-    assert cgan.load_models(ckpt, "cpu")["G"].n_classes == 10  # the format-2 checkpoint itself loads
+            load_models(cgan, old, "cpu")
+    assert load_models(cgan, ckpt, "cpu")["G"].n_classes == 10  # the format-2 checkpoint itself loads
 
 
 def poison_batchnorm(model, name):

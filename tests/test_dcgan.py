@@ -17,6 +17,7 @@ from conftest import REPO, flat_state, make_tiny_mnist, one_process_state, run_s
 
 sys.path.insert(0, str(REPO))
 import dcgan  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--device", "cpu"]
 
@@ -291,7 +292,7 @@ def test_augmentation_changes_what_D_sees_never_the_samples(tiny_mnist, tmp_path
         assert (fakes == 0).flatten(1).any(dim=1).all()
     # the grid is the EMA generator's plain output on the fixed noise: no augmentation
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    G = dcgan.load_models(ckpt, "cpu")["G"]
+    G = load_models(dcgan, ckpt, "cpu")["G"]
     with torch.no_grad():
         grid = G(dcgan.fixed_randn(ckpt["config"]["seed"], 36, ckpt["config"]["nz"]))
     save_image(grid.add(1).div(2), tmp_path / "expected.png", nrow=6, padding=2)  # torchvision's, the reference
@@ -454,7 +455,7 @@ def test_training_writes_every_output(trained):
     assert {"loss_D", "loss_G", "D_x", "D_G_z1", "D_G_z2", "ms_per_step", "images_per_s"} <= set(rows[0])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == "dcgan" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
-    models = dcgan.load_models(ckpt, "cpu")
+    models = load_models(dcgan, ckpt, "cpu")
     images = dcgan.generate(models, dcgan.sample_latent(ckpt["config"], 4, "cpu"))
     assert images.shape == (4, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
     from PIL import Image
@@ -517,7 +518,7 @@ def test_sigkill_then_resume_gives_identical_log_and_ema(tiny_mnist, tmp_path):
 
 def test_ema_weights_are_saved_and_returned_by_load_models(trained, tiny_mnist, tmp_path):
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
-    G = dcgan.load_models(ckpt, "cpu")["G"]
+    G = load_models(dcgan, ckpt, "cpu")["G"]
     for key, value in G.state_dict().items():
         assert torch.equal(value, ckpt["ema"]["G"][key]), key
     weight = "1.weight"
@@ -555,7 +556,7 @@ def test_csi5340_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_path, c
     dcgan.main(["--max_iters", "2", *common])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert (ckpt["config"]["depth"], ckpt["config"]["loss"], ckpt["config"]["leaky_slope"]) == (2, "sigmoid_mse", 0.1)
-    models = dcgan.load_models(ckpt, "cpu")
+    models = load_models(dcgan, ckpt, "cpu")
     assert isinstance(models["D"], dcgan.Discriminator) and isinstance(models["D"][-2], nn.Linear)
     assert {m.negative_slope for m in models["D"].modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
     assert dcgan.generate(models, dcgan.sample_latent(ckpt["config"], 3, "cpu")).shape == (3, 1, 32, 32)
@@ -709,7 +710,7 @@ def test_old_format_checkpoint_is_refused_in_one_line(trained, data_dir, tmp_pat
     assert "not a format-3 dcgan checkpoint" in one_error_line(proc)
     assert (out / "ckpt.pt").read_bytes() == before
     with pytest.raises(ValueError, match="format-3"):
-        dcgan.load_models(ckpt, "cpu")
+        load_models(dcgan, ckpt, "cpu")
 
 
 def one_error_line(proc):

@@ -359,6 +359,7 @@ def test_inception_features_match_pytorch_fid_network(inception, folders):
 
 FAKEGAN = '''
 """A stand-in model script for evaluate.py's tests: a fixed random linear generator."""
+import argparse
 import os
 import numpy as np
 import torch
@@ -376,12 +377,17 @@ def real_images(config, split):
     return load_images(config["data_dir"], config["dataset"], split, config["img_size"])
 
 
-def load_models(ckpt, device):
+def check_format(ckpt):
     if ckpt["script"] != "fakegan":
         raise ValueError("not a fakegan checkpoint")
-    g = torch.nn.Linear(8, 28 * 28)
-    g.load_state_dict(ckpt["models"]["G"])
-    return {"G": g.to(device).eval()}
+
+
+def get_args(argv):
+    return argparse.Namespace()
+
+
+def build_models(config):
+    return {"G": torch.nn.Linear(8, 28 * 28)}
 
 
 def sample_latent(config, n, device, generator=None):
@@ -575,6 +581,7 @@ def test_super_resolution_metrics():
 
 FAKESR = '''
 """A stand-in super-resolution script for evaluate.py's tests: 4x average pooling, bilinear back, darkened."""
+import argparse
 import os
 import numpy as np
 import torch
@@ -585,7 +592,15 @@ def real_images(config, split):
     return torch.from_numpy(np.load(os.path.join(config["data_dir"], split + ".npy"))), None
 
 
-def load_models(ckpt, device):
+def check_format(ckpt):
+    pass
+
+
+def get_args(argv):
+    return argparse.Namespace()
+
+
+def build_models(config):
     return {}
 
 
@@ -599,6 +614,7 @@ def upscale(models, x_low):
 
 FAKEVAE = '''
 """A stand-in VAE script for evaluate.py's tests: z ~ q(z|x) drawn from torch's global generator, as vae.py does."""
+import argparse
 import os
 import numpy as np
 import torch
@@ -608,10 +624,16 @@ def real_images(config, split):
     return torch.from_numpy(np.load(os.path.join(config["data_dir"], split + ".npy"))), None
 
 
-def load_models(ckpt, device):
-    decoder = torch.nn.Linear(4, 28 * 28)
-    decoder.load_state_dict(ckpt["models"]["decoder"])
-    return {"decoder": decoder.eval()}
+def check_format(ckpt):
+    pass
+
+
+def get_args(argv):
+    return argparse.Namespace()
+
+
+def build_models(config):
+    return {"decoder": torch.nn.Linear(4, 28 * 28)}
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO))
 import interpolate  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = {
     "dcgan": ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16"],
@@ -48,7 +49,7 @@ def ckpts(tmp_path_factory, one_thread):
 def load(path):
     ckpt = torch.load(path, weights_only=True)
     module = importlib.import_module(ckpt["script"])
-    return module, module.load_models(ckpt, "cpu"), ckpt["config"]
+    return module, load_models(module, ckpt, "cpu"), ckpt["config"]
 
 
 def args(**kw):
@@ -239,7 +240,8 @@ def test_bad_requests_end_with_one_line(ckpts, tmp_path, capsys, monkeypatch):
     assert "dimensions 0..7" in error_line(capsys, "--ckpt", ckpts["dcgan"], "--mode", "traverse", "--dims", "3,8")
     sr = tmp_path / "sr.pt"  # a script without a latent space, as srgan.py
     torch.save({"script": "srgan", "format": 1, "config": {}, "models": {}}, sr)
-    (tmp_path / "fakesr.py").write_text("def load_models(ckpt, device):\n    return {}\n")  # as srgan.py, untrained
+    (tmp_path / "fakesr.py").write_text("import argparse\ncheck_format = print\nget_args = argparse.ArgumentParser().parse_args\n"
+                                         "def build_models(config):\n    return {}\n")  # as srgan.py, untrained
     assert "no latent space" in error_line(capsys, "--ckpt", sr, "--script", tmp_path / "fakesr.py")
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"garbage")

@@ -18,6 +18,7 @@ from test_evaluate import PixelFeatures, fid_inception_weights, read_json  # noq
 
 sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = {"acgan": ("cgan", ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16"]),
         "vae": ("vae", ["--arch", "mlp", "--hidden", "32", "--latent_dim", "6", "--batch_size", "16"]),
@@ -52,7 +53,7 @@ def evaluate_main(*argv):
 def load(path):
     ckpt = torch.load(path, weights_only=True)
     module = importlib.import_module(ckpt["script"])
-    return module, module.load_models(ckpt, "cpu"), ckpt["config"]
+    return module, load_models(module, ckpt, "cpu"), ckpt["config"]
 
 
 def read_pngs(folder):

@@ -16,7 +16,7 @@ import wgan  # noqa: E402
 SCRIPTS = {"dcgan": dcgan, "wgan": wgan, "cgan": cgan, "srgan": srgan, "vae": vae}
 BANNER = "# Run plumbing, the same in every model script"
 PLUMBING = ["number", "parse_run_flags", "parse_config", "setup_distributed", "train_data", "cpu_computes_bfloat16",
-            "time_trial", "choose_precision", "fixed_randn", "restore", "check_format", "check_finite", "save_checkpoint", "load_models",
+            "time_trial", "choose_precision", "fixed_randn", "restore", "check_format", "check_finite", "save_checkpoint",
             "prepare_out_dir", "accumulate", "write_log_row", "save_grid", "fail"]
 USED_BY = {name: list(SCRIPTS) for name in ["load_images", "resize_uint8"]}
 USED_BY.update({name: ["dcgan", "wgan", "cgan"] for name in ["augment_color", "augment_translation", "augment_cutout",

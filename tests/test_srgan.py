@@ -18,6 +18,7 @@ from conftest import DDP_STATE_PROBE, REPO, flat_state, one_process_state, run_s
 
 sys.path.insert(0, str(REPO))
 import srgan  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch_size", "8", "--eval_images", "64", "--device", "cpu"]
 F32 = ["--dtype", "float32"]  # the bit-exact reference (auto is bfloat16 on CPUs that compute it)
@@ -319,7 +320,7 @@ def test_training_writes_every_output(outputs_run):
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == "srgan" and ckpt["format"] == 3 and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
-    models = srgan.load_models(ckpt, "cpu")
+    models = load_models(srgan, ckpt, "cpu")
     truth = srgan.real_images(ckpt["config"], "test")[0][:4].float() / 255
     assert truth.shape == (4, 1, 64, 64)
     low = srgan.degrade(truth, ckpt["config"])
@@ -351,21 +352,21 @@ def test_ema_generator_is_saved_and_loaded(outputs_run, tiny_mnist, tmp_path):
     # their own batch-norm statistics: the plain average over 10 fixed batches of degraded training images
     assert all(ema[k].item() == 10 for k in ema if k.endswith("num_batches_tracked"))
     assert all(not torch.equal(ema[k], trained[k]) and ema[k].abs().sum() > 0 for k in ema if k.endswith("running_mean"))
-    loaded = srgan.load_models(ckpt, "cpu")["G"].state_dict()
+    loaded = load_models(srgan, ckpt, "cpu")["G"].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)  # evaluate.py and interpolate.py get the EMA generator
 
     plain = tmp_path / "plain"
     run_main("--data_dir", tiny_mnist, "--out_dir", plain, "--max_iters", "2", "--ema_decay", "0", *TINY)
     ckpt = torch.load(plain / "ckpt.pt", weights_only=True)
     assert ckpt["ema"] == {}
-    loaded = srgan.load_models(ckpt, "cpu")["G"].state_dict()
+    loaded = load_models(srgan, ckpt, "cpu")["G"].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["models"]["G"].items())
 
 
 def test_saved_ema_batchnorm_stats_belong_to_the_averaged_weights(outputs_run):
     ckpt = torch.load(outputs_run / "ckpt.pt", weights_only=True)
     config = ckpt["config"]
-    G = srgan.load_models(ckpt, "cpu")["G"]  # the averaged weights with their saved statistics
+    G = load_models(srgan, ckpt, "cpu")["G"]  # the averaged weights with their saved statistics
     saved = {k: v.clone() for k, v in G.state_dict().items() if "running" in k}
     data, _ = srgan.real_images(config, "train")
     batches = torch.randint(0, len(data), (10, config["batch_size"]), generator=torch.Generator().manual_seed(config["seed"]))
@@ -408,7 +409,7 @@ def test_variants_train(tiny_mnist, tmp_path, flags):
              "--sample_interval", "3", *TINY, *flags)
     rows = read_log(out)
     assert len(rows) == 3 and all(abs(r["loss_D"]) < 1e6 and abs(r["loss_G"]) < 1e6 for r in rows)
-    assert srgan.load_models(torch.load(out / "ckpt.pt", weights_only=True), "cpu")["G"] is not None
+    assert load_models(srgan, torch.load(out / "ckpt.pt", weights_only=True), "cpu")["G"] is not None
 
 
 def test_bfloat16_trains(data_dir, straight_run, tmp_path):
@@ -431,7 +432,7 @@ def test_srgan_learns_to_beat_bilinear(tiny_mnist, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     truth = srgan.real_images(ckpt["config"], "test")[0].float() / 255
     low = srgan.degrade(truth, ckpt["config"])
-    model_mse = (srgan.upscale(srgan.load_models(ckpt, "cpu"), low) - truth).pow(2).mean().item()
+    model_mse = (srgan.upscale(load_models(srgan, ckpt, "cpu"), low) - truth).pow(2).mean().item()
     bilinear_mse = (low - truth).pow(2).mean().item()
     assert model_mse < bilinear_mse, (model_mse, bilinear_mse)
     assert read_log(out, "test_mse")[-1]["test_mse"] == pytest.approx(model_mse, rel=1e-4)
@@ -579,7 +580,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
 def test_load_models_refuses_another_scripts_checkpoint():
     with pytest.raises(ValueError, match="not a format-3 srgan checkpoint"):
-        srgan.load_models({"script": "dcgan", "format": 2, "config": {}}, "cpu")
+        load_models(srgan, {"script": "dcgan", "format": 2, "config": {}}, "cpu")
 
 
 def test_missing_dataset_names_prepare_command(tmp_path, capsys):
@@ -660,7 +661,7 @@ def test_shared_helpers_are_dcgans_verbatim():
     assert ours.count(banner) == 1 and ours.split(banner)[1] == theirs.split(banner)[1]
     for name in ("load_images", "resize_uint8", "real_images", "update_ema", "init_weights", "number", "parse_run_flags",
                  "parse_config", "setup_distributed", "train_data", "choose_precision", "restore", "check_finite",
-                 "save_checkpoint", "load_models", "prepare_out_dir", "accumulate", "write_log_row"):
+                 "save_checkpoint", "prepare_out_dir", "accumulate", "write_log_row"):
         assert inspect.getsource(getattr(srgan, name)) == inspect.getsource(getattr(dcgan, name)), name
 
 
@@ -686,7 +687,7 @@ def test_old_format_checkpoint_is_refused(data_dir, two_step_run, tmp_path, caps
     assert "not a format-3 srgan checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == before
     with pytest.raises(ValueError, match="format-3"):
-        srgan.load_models(ckpt, "cpu")
+        load_models(srgan, ckpt, "cpu")
 
 
 def poison_first(module_type, tensor_name):

@@ -18,6 +18,7 @@ from conftest import DDP_STATE_PROBE, REPO, flat_state, make_tiny_mnist, one_pro
 
 sys.path.insert(0, str(REPO))
 import vae  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = ["--hidden", "32", "--latent_dim", "4", "--batch_size", "16", "--device", "cpu"]
 TINY_CONV = ["--arch", "conv", "--img_size", "32", "--depth", "2", "--width", "4", "--latent_dim", "4", "--batch_size", "16", "--device", "cpu"]
@@ -489,7 +490,7 @@ def test_encode_with_a_flow_gives_the_decoders_code():
 
 
 def check_interface(ckpt, size):
-    models = vae.load_models(ckpt, "cpu")
+    models = load_models(vae, ckpt, "cpu")
     x = torch.rand(5, ckpt["config"]["channels"], size, size)
     mu, logvar = vae.encode(models, x)
     assert mu.shape == logvar.shape == (5, ckpt["config"]["latent_dim"])
@@ -636,7 +637,7 @@ def test_csi5340_trains_resumes_and_reports_through_the_interface(shared_data, t
     assert {k: ckpt["config"][k] for k in ("arch", "h_dim", "recon", "kl_weight", "img_size")} == \
         {"arch": "csi5340", "h_dim": 256, "recon": "mse_mean", "kl_weight": 1e-3, "img_size": 32}
     check_interface(ckpt, 32)  # images in [0, 1] out of a tanh decoder
-    models = vae.load_models(ckpt, "cpu")
+    models = load_models(vae, ckpt, "cpu")
     images, _ = vae.real_images(ckpt["config"], "test")
     mse = vae.mse_of_reconstructions(models, images)
     assert 0 < mse < 0.5 and abs(evaluate.posterior_mean_reconstruction_mse(vae, models, images, 16, "cpu") - mse) < 1e-3
@@ -652,7 +653,7 @@ def test_dlogistic_trains_and_reports_through_the_interface(shared_data, tmp_pat
     assert [r["step"] for r in rows] == [4, 8] and rows[1]["loss"] < rows[0]["loss"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     check_interface(ckpt, 28)
-    models = vae.load_models(ckpt, "cpu")
+    models = load_models(vae, ckpt, "cpu")
     z = vae.sample_latent(ckpt["config"], 3, "cpu")
     with torch.no_grad():
         decoded = models["decoder"](z)
@@ -661,7 +662,7 @@ def test_dlogistic_trains_and_reports_through_the_interface(shared_data, tmp_pat
     if mixture == 1:  # a checkpoint from before --mixture existed (its config lacks it) loads with the default
         old = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "mixture"}}
         with torch.no_grad():
-            assert torch.equal(vae.load_models(old, "cpu")["decoder"](z), decoded)
+            assert torch.equal(load_models(vae, old, "cpu")["decoder"](z), decoded)
 
 
 def test_bfloat16_trains_a_few_steps(dtype_runs):
@@ -789,7 +790,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch, name):
 
 def test_load_models_rejects_other_checkpoints():
     with pytest.raises(ValueError, match="not a format-2 vae checkpoint"):
-        vae.load_models({"script": "dcgan", "format": 2}, "cpu")
+        load_models(vae, {"script": "dcgan", "format": 2}, "cpu")
 
 
 def error_line(capsys, argv):
@@ -905,7 +906,7 @@ def test_old_format_checkpoint_is_refused(shared_data, base_run, tmp_path, capsy
     out = copy_of(base_run, tmp_path)
     common = ["--data_dir", str(shared_data), "--out_dir", str(out), "--dtype", "float32", *TINY]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    vae.load_models(ckpt, "cpu")  # the format it writes loads
+    load_models(vae, ckpt, "cpu")  # the format it writes loads
     ckpt["format"] = 1
     torch.save(ckpt, out / "ckpt.pt")
     saved = (out / "ckpt.pt").read_bytes()
@@ -913,7 +914,7 @@ def test_old_format_checkpoint_is_refused(shared_data, base_run, tmp_path, capsy
     line = error_line(capsys, ["--max_iters", "4", "--resume", *common])
     assert "is not a format-2 vae checkpoint" in line and (out / "ckpt.pt").read_bytes() == saved
     with pytest.raises(ValueError, match="not a format-2 vae checkpoint"):
-        vae.load_models(ckpt, "cpu")
+        load_models(vae, ckpt, "cpu")
 
 
 @pytest.mark.parametrize("arch,poisoned_step", [("conv", 2), ("conv", 3), ("csi5340", 3)])

@@ -17,6 +17,7 @@ from conftest import REPO, flat_state, one_process_state, run_script
 
 sys.path.insert(0, str(REPO))
 import wgan  # noqa: E402
+from evaluate import load_models  # noqa: E402
 
 TINY = ["--nz", "8", "--ngf", "8", "--ndf", "8", "--batch_size", "16", "--device", "cpu"]
 
@@ -438,7 +439,7 @@ def test_the_critic_sees_augmented_images_and_the_penalty_interpolates_them(tiny
     assert len(augmented) == 5 and all(policy == [] and x is y for policy, _, x, y in augmented)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["ema"] == {}
-    G = wgan.load_models(ckpt, "cpu")["G"]
+    G = load_models(wgan, ckpt, "cpu")["G"]
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in ckpt["models"]["G"].items())
 
 
@@ -479,21 +480,21 @@ def test_training_writes_every_output(trained, monkeypatch):
     assert ckpt["script"] == "wgan" and ckpt["step"] == 6 and ckpt["config"]["channels"] == 1
     assert ckpt["config"]["mode"] == "gp" and tuple(ckpt["optimizers"]["D"]["param_groups"][0]["betas"]) == (0.0, 0.9)
     assert "exp_avg" in ckpt["optimizers"]["D"]["state"][0]  # Adam
-    models = wgan.load_models(ckpt, "cpu")
+    models = load_models(wgan, ckpt, "cpu")
     assert not models["G"].training and not models["D"].training
     images = wgan.generate(models, wgan.sample_latent(ckpt["config"], 4, "cpu"))
     assert images.shape == (4, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
     real, labels = wgan.real_images(ckpt["config"], "test")
     assert real.shape == (64, 1, 32, 32) and real.dtype == torch.uint8 and labels.shape == (64,)
     with pytest.raises(ValueError, match="not a format-2 wgan checkpoint"):
-        wgan.load_models({**ckpt, "script": "dcgan"}, "cpu")
+        load_models(wgan, {**ckpt, "script": "dcgan"}, "cpu")
     from PIL import Image
     assert Image.open(out / "samples/step_000006.png").size == (6 * 34 + 2, 6 * 34 + 2)  # 6x6 grid, 2 px padding
 
 
 def test_saved_ema_batchnorm_stats_belong_to_the_averaged_weights(trained):
     ckpt = torch.load(trained / "out" / "wgan" / "ckpt.pt", weights_only=True)
-    G = wgan.load_models(ckpt, "cpu")["G"]  # the averaged weights with their saved statistics
+    G = load_models(wgan, ckpt, "cpu")["G"]  # the averaged weights with their saved statistics
     saved = {k: v.clone() for k, v in G.state_dict().items() if "running" in k}
     config = ckpt["config"]
     wgan.update_bn(wgan.fixed_randn(config["seed"] + 1, 10, config["batch_size"], config["nz"]), G)  # replayed
@@ -512,7 +513,7 @@ def test_the_averaged_generator_is_saved_used_for_grids_and_loaded(trained, tmp_
     assert ema.keys() == trained_G.keys()
     assert not torch.equal(ema["1.weight"], trained_G["1.weight"])
     assert not torch.equal(ema["2.running_mean"], trained_G["2.running_mean"])  # statistics of its own
-    G = wgan.load_models(ckpt, "cpu")["G"]
+    G = load_models(wgan, ckpt, "cpu")["G"]
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in ema.items())  # evaluate.py and interpolate.py get it
 
     def grid_of(generator):
@@ -623,7 +624,7 @@ def test_csi5340_depth_run_saves_its_flags_reloads_and_resumes(tiny_mnist, tmp_p
         train("--max_iters", 2, "--mode", mode, *common, "--out_dir", out / mode)
         ckpt = torch.load(out / mode / "ckpt.pt", weights_only=True)
         assert (ckpt["config"]["depth"], ckpt["config"]["leaky_slope"]) == (2, 0.1)
-        models = wgan.load_models(ckpt, "cpu")
+        models = load_models(wgan, ckpt, "cpu")
         assert isinstance(models["D"], wgan.Critic) and isinstance(models["D"][-2], nn.Linear)
         assert any(isinstance(m, norm) for m in models["D"].modules())
         assert wgan.generate(models, wgan.sample_latent(ckpt["config"], 3, "cpu")).shape == (3, 1, 32, 32)
@@ -761,14 +762,14 @@ def test_corrupt_foreign_or_old_checkpoint_to_resume(tiny_mnist, tmp_path, capsy
     old = tmp_path / "old"
     train("--data_dir", tiny_mnist, "--out_dir", old, "--max_iters", 1, "--n_critic", 1, "--dtype", "float32", *TINY)
     ckpt = torch.load(old / "ckpt.pt", weights_only=True)
-    wgan.load_models(ckpt, "cpu")  # format 2 loads
+    load_models(wgan, ckpt, "cpu")  # format 2 loads
     torch.save({**ckpt, "format": 1}, old / "ckpt.pt")
     saved = (old / "ckpt.pt").read_bytes()
     line = main_error(capsys, "--data_dir", tiny_mnist, "--out_dir", old, "--resume", "--max_iters", 2, *TINY)
     assert line.startswith("wgan.py: error: --resume:") and "is not a format-2 wgan checkpoint" in line
     assert (old / "ckpt.pt").read_bytes() == saved and [r["step"] for r in read_log(old)] == [1]
     with pytest.raises(ValueError, match="not a format-2 wgan checkpoint"):
-        wgan.load_models({**ckpt, "format": 1}, "cpu")
+        load_models(wgan, {**ckpt, "format": 1}, "cpu")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_mnist, tmp_path, capsys, one_thread):
