@@ -706,7 +706,7 @@ def load_models(module, ckpt, device, path="the checkpoint"):
     try:
         models = module.build_models({**vars(module.get_args([])), **ckpt["config"]})  # a newer flag: its default
         for name, model in models.items():
-            model.load_state_dict(ckpt.get("ema", {}).get(name, ckpt["models"][name]))
+            model.load_state_dict(ckpt["ema"].get(name, ckpt["models"][name]))
         return {name: model.to(device).eval() for name, model in models.items()}
     except (OSError, ValueError):  # the scripts' own messages
         raise

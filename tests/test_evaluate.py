@@ -416,7 +416,7 @@ def fakegan(folders):
     g = torch.nn.Linear(8, 28 * 28)
     config = {"dataset": "fake", "data_dir": str(root / "data"), "img_size": 28, "channels": 1}
     torch.save({"script": "fakegan", "format": 1, "config": config, "step": 7, "models": {"G": g.state_dict()},
-                "optimizers": {}, "rng": {}}, root / "ckpt.pt")
+                "optimizers": {}, "rng": {}, "ema": {}}, root / "ckpt.pt")
     return root
 
 
@@ -664,7 +664,7 @@ def write_fake_script(root, name, source, real, models=None):
     (root / f"{name}.py").write_text(source)
     np.save(root / "data" / "test.npy", real.numpy())
     torch.save({"script": name, "format": 1, "config": {"dataset": name, "data_dir": str(root / "data")}, "step": 1,
-                "models": models or {}, "optimizers": {}, "rng": {}}, root / "ckpt.pt")
+                "models": models or {}, "optimizers": {}, "rng": {}, "ema": {}}, root / "ckpt.pt")
     return root
 
 
